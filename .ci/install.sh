@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv and install mergemodules with everything the tests and the benchmark need.
+# The exact torch/torchvision pins live here (the package itself declares only lower bounds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+if [ -x .ci/install-data.sh ]; then bash .ci/install-data.sh; fi

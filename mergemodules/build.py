@@ -1,0 +1,177 @@
+"""Build the merged tensor of every parameter from the pretrained and fine-tuned values.
+
+Works one tensor at a time: only that tensor's values of all tasks are in memory together, so
+fine-tuned sources may be lazy mappings (memory-mapped safetensors files).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .decompose import resolve_rank
+from .layers import MergedTensor, MergedWeight, _Merged
+from .methods import Method, Transform
+from .targets import Entry
+
+__all__ = ["build_merged_tensors", "check_sources", "as_source"]
+
+logger = logging.getLogger(__name__)
+
+Source = Mapping[str, Tensor]
+
+
+def as_source(item: object, index: int, pretrained: nn.Module) -> Source:
+    """A fine-tuned model or state dict as a name → tensor mapping, checking its architecture."""
+    if isinstance(item, nn.Module):
+        if type(item) is not type(pretrained):
+            raise TypeError(
+                f"finetuned[{index}] is a {type(item).__name__} but pretrained is a "
+                f"{type(pretrained).__name__}: all models must share one architecture"
+            )
+        return item.state_dict()
+    if isinstance(item, Mapping):
+        return item
+    raise TypeError(f"finetuned[{index}] must be an nn.Module or a state dict, got {type(item).__name__}")
+
+
+def _lookup(source: Source, entry: Entry) -> Tensor | None:
+    for name in entry.names:
+        if name in source:
+            return source[name]
+    return None
+
+
+def check_sources(entries: Sequence[Entry], sources: Sequence[Source], model_keys: set[str]) -> None:
+    """Fail before any work on missing or extra keys, wrong shapes or non-float tensors."""
+    merged = [e for e in entries if e.merged]
+    for i, source in enumerate(sources):
+        missing = [e.name for e in merged if _lookup(source, e) is None]
+        if missing:
+            raise KeyError(f"finetuned[{i}] is missing {len(missing)} key(s) of the pretrained model: {missing[:5]}")
+        extra = sorted(set(source) - model_keys)
+        if extra:
+            raise KeyError(f"finetuned[{i}] has {len(extra)} key(s) the pretrained model lacks: {extra[:5]}")
+        for entry in merged:
+            tensor = _lookup(source, entry)
+            if tuple(tensor.shape) != entry.shape:
+                raise ValueError(
+                    f"finetuned[{i}][{entry.name!r}] has shape {tuple(tensor.shape)}, "
+                    f"the pretrained model has {entry.shape}"
+                )
+            if not tensor.dtype.is_floating_point:
+                raise TypeError(f"finetuned[{i}][{entry.name!r}] has dtype {tensor.dtype}; merging needs floating point")
+
+
+def _finite(tensor: Tensor, where: str) -> Tensor:
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{where} contains NaN or Inf")
+    return tensor
+
+
+def _task_values(entry: Entry, sources: Sequence[Source]) -> list[Tensor]:
+    return [_finite(_lookup(s, entry), f"finetuned[{i}][{entry.name!r}]") for i, s in enumerate(sources)]
+
+
+def _base_and_task_vectors(
+    entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method
+) -> tuple[Tensor, Tensor]:
+    """B and the task vectors θ_t − B of one tensor, both float32 (B in its parameter layout)."""
+    _finite(pretrained, f"pretrained[{entry.name!r}]")
+    values = torch.stack([v.to(device=pretrained.device, dtype=torch.float32) for v in _task_values(entry, sources)])
+    base = pretrained.float() if method.base == "pretrained" else values.mean(dim=0)
+    return base, values - base
+
+
+class _Coefficients:
+    """Hands out λ Parameters: one shared (global, task-wise) or a new one per tensor (layer-wise)."""
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+        self.shared: nn.Parameter | None = None
+
+    def __call__(self, terms: int, device: torch.device) -> nn.Parameter:
+        scope, scaling = self.method.coefficients, float(self.method.scaling)
+        if scope == "layer":
+            return nn.Parameter(torch.full((terms,), scaling, device=device))
+        if self.shared is None:
+            init = torch.tensor(scaling, device=device) if scope == "global" else torch.full((terms,), scaling, device=device)
+            self.shared = nn.Parameter(init)
+        if scope == "task" and self.shared.shape != (terms,):
+            raise ValueError(f"task-wise λ has {self.shared.numel()} entries but a tensor has {terms} task terms")
+        return self.shared
+
+
+def _mask_logits(method: Method, S: Tensor, shape: tuple[int, int], name: str) -> nn.Parameter | None:
+    if not method.masks:
+        return None
+    k = S.shape[1]
+    on = k if method.mask_rank is None else resolve_rank(method.mask_rank, shape, name="mask_rank")
+    if on > k:
+        raise ValueError(f"mask_rank keeps {on} components of {name!r} but only rank={k} are stored")
+    logits = torch.full(S.shape, -method.mask_init, dtype=torch.float32, device=S.device)
+    logits[:, :on] = method.mask_init
+    return nn.Parameter(logits)
+
+
+def _build_one(
+    entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, transform: Transform, coefficients: _Coefficients
+) -> _Merged:
+    dtype = pretrained.dtype
+    with_term = entry.merged and (method.matrices != "none" if entry.is_matrix else method.dense)
+    if not entry.merged:
+        base, task_vectors = pretrained.detach(), None
+    else:
+        base, task_vectors = _base_and_task_vectors(entry, pretrained.detach(), sources, method)
+    if not entry.is_matrix:
+        if not with_term:
+            return MergedTensor(base.to(dtype))
+        deltas = transform.vectors(entry.name, task_vectors, False)
+        return MergedTensor(base.to(dtype), deltas, coefficients(deltas.shape[0], base.device))
+    if not with_term:
+        return MergedWeight(base.to(dtype), layout=entry.layout)
+    terms = transform.vectors(entry.name, task_vectors, True)
+    if entry.layout == "in_out":
+        terms = terms.transpose(1, 2)
+    coef = coefficients(terms.shape[0], base.device)
+    if method.matrices == "dense":
+        return MergedWeight(base.to(dtype), deltas=terms, coef=coef, layout=entry.layout)
+    shape = tuple(terms.shape[1:])
+    U, S, V = transform.factorize(terms, resolve_rank(method.rank, shape))
+    return MergedWeight(
+        base.to(dtype), U=U, S=S, V=V, coef=coef, mask_logits=_mask_logits(method, S, shape, entry.name),
+        temperature=method.temperature, layout=entry.layout,
+    )
+
+
+def build_merged_tensors(
+    entries: Sequence[Entry],
+    pretrained: Mapping[str, Tensor],
+    sources: Sequence[Source],
+    method: Method,
+    progress: bool = False,
+) -> dict[str, _Merged]:
+    """One merged tensor module per entry, keyed by the entry's name."""
+    with torch.no_grad():
+        return _build_all(entries, {k: v.detach() for k, v in pretrained.items()}, sources, method, progress)
+
+
+def _build_all(
+    entries: Sequence[Entry], pretrained: Mapping[str, Tensor], sources: Sequence[Source], method: Method, progress: bool
+) -> dict[str, _Merged]:
+
+    def task_vectors() -> Iterator[tuple[str, Tensor, bool]]:
+        for entry in entries:
+            if entry.merged:
+                yield entry.name, _base_and_task_vectors(entry, pretrained[entry.name], sources, method)[1], entry.is_matrix
+
+    transform = method.transform.fit(task_vectors)
+    coefficients = _Coefficients(method)
+    merged = {}
+    for entry in tqdm(entries, desc=f"merge ({method.name})", disable=not progress, unit="tensor"):
+        merged[entry.name] = _build_one(entry, pretrained[entry.name], sources, method, transform, coefficients)
+    logger.info("built %d merged tensors with %s", len(merged), method.name)
+    return merged

@@ -1,0 +1,334 @@
+"""Merged tensors: the one layer every merging method is a setting of (DESIGN.md, "The one idea").
+
+``MergedWeight`` computes a 2-D weight
+
+    W(λ, m) = B + Σ_t λ_t · U_t · diag(m_t ⊙ σ_t) · V_tᵀ          (low-rank task term)
+    W(λ)    = B + Σ_t λ_t · Δ_t                                      (dense task term)
+
+``MergedTensor`` computes any other tensor densely, ``b(λ) = b_B + Σ_t λ_t · Δ_t``.
+``MergedLinear`` is an ``nn.Linear`` whose weight and bias are merged; it picks, per call, the
+cheaper of materialising W or applying the factors to the input (low-rank path).
+
+Only λ (``coef``) and the mask logits ℓ are parameters; B, Δ and the factors are buffers.
+λ may be a scalar (one global coefficient) or a vector of length T, and the same Parameter
+object may be shared by many layers (task-wise λ).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MergedTensor", "MergedWeight", "MergedLinear", "straight_through_mask", "weight_cache"]
+
+_cache: dict[int, Tensor] | None = None
+
+
+@contextlib.contextmanager
+def weight_cache() -> Iterator[None]:
+    """Compute each merged tensor at most once inside this block (one forward of a merged model).
+
+    Code that reads a weight several times per forward (tied embeddings, attention reading
+    ``out_proj.weight``) then pays for one evaluation. Nested blocks share the outer cache.
+    """
+    global _cache
+    if _cache is not None:
+        yield
+        return
+    _cache = {}
+    try:
+        yield
+    finally:
+        _cache = None
+
+
+def straight_through_mask(logits: Tensor, temperature: float) -> Tensor:
+    """AdaRank's binary mask: forward ``1[sigmoid(ℓ/T) ≥ 0.5]``, backward through ``sigmoid(ℓ/T)``.
+
+    The forward value is exactly 0 or 1: ``hard + (soft − soft.detach())`` adds an exact zero.
+    """
+    soft = torch.sigmoid(logits / temperature)
+    hard = (soft >= 0.5).to(soft.dtype)
+    return hard + (soft - soft.detach())
+
+
+def _task_coefficients(coef: Tensor, num_tasks: int) -> Tensor:
+    return coef.expand(num_tasks) if coef.dim() == 0 else coef
+
+
+class _Merged(nn.Module):
+    """Shared plumbing: the base buffer, the coefficient and per-forward caching."""
+
+    base: Tensor
+
+    def __init__(self, base: Tensor, coef: nn.Parameter | None) -> None:
+        super().__init__()
+        self.register_buffer("base", base.detach())
+        self.coef = coef
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of task terms T (0 when the tensor is the base alone)."""
+        raise NotImplementedError
+
+    def _check_coef(self) -> None:
+        T = self.num_tasks
+        if T and self.coef is None:
+            raise ValueError("coef: a merged tensor with task terms needs merge coefficients λ")
+        if self.coef is not None and self.coef.dim() != 0 and self.coef.shape != (T,):
+            raise ValueError(f"coef: expected a scalar or shape ({T},), got {tuple(self.coef.shape)}")
+
+    def lambdas(self) -> Tensor:
+        """λ as a length-T vector in the base dtype."""
+        return _task_coefficients(self.coef, self.num_tasks).to(self.base.dtype)
+
+    def compute(self) -> Tensor:
+        """Evaluate the merged tensor (no caching)."""
+        raise NotImplementedError
+
+    def forward(self) -> Tensor:
+        """The merged tensor, computed once per :func:`weight_cache` block."""
+        if _cache is None:
+            return self.compute()
+        key = id(self)
+        if key not in _cache:
+            _cache[key] = self.compute()
+        return _cache[key]
+
+
+class MergedTensor(_Merged):
+    """A densely merged tensor of any shape: ``base + Σ_t λ_t · deltas[t]``."""
+
+    def __init__(self, base: Tensor, deltas: Tensor | None = None, coef: nn.Parameter | None = None) -> None:
+        super().__init__(base, coef)
+        if deltas is not None and deltas.shape[1:] != base.shape:
+            raise ValueError(f"deltas: shape {tuple(deltas.shape)} does not stack tensors of shape {tuple(base.shape)}")
+        self.register_buffer("deltas", None if deltas is None else deltas.detach().to(base.dtype))
+        self._check_coef()
+
+    @property
+    def num_tasks(self) -> int:
+        return 0 if self.deltas is None else self.deltas.shape[0]
+
+    def compute(self) -> Tensor:
+        if self.deltas is None:
+            return self.base
+        return self.base + torch.tensordot(self.lambdas(), self.deltas, dims=1)
+
+
+class MergedWeight(_Merged):
+    """A merged 2-D weight, stored canonically as (out, in).
+
+    Args:
+        base: B, shape (out, in) in ``layout="out_in"`` or (in, out) in ``layout="in_out"``
+            (Hugging Face ``Conv1D``, open_clip's ``proj``); ``forward()`` returns that layout.
+        U, S, V: stacked truncated SVD factors of the task vectors, (T, out, k), (T, k), (T, in, k).
+        deltas: dense task vectors (T, out, in) instead of factors.
+        coef: λ, a scalar or (T,) Parameter (may be shared between layers).
+        mask_logits: AdaRank's ℓ, (T, k); masks are hard in the forward pass (straight-through).
+        temperature: the straight-through temperature (AdaRank: 10).
+    """
+
+    def __init__(
+        self,
+        base: Tensor,
+        *,
+        U: Tensor | None = None,
+        S: Tensor | None = None,
+        V: Tensor | None = None,
+        deltas: Tensor | None = None,
+        coef: nn.Parameter | None = None,
+        mask_logits: nn.Parameter | None = None,
+        temperature: float = 10.0,
+        layout: str = "out_in",
+    ) -> None:
+        if base.dim() != 2:
+            raise ValueError(f"base: a merged weight must be 2-D, got shape {tuple(base.shape)}")
+        if layout not in ("out_in", "in_out"):
+            raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
+        canonical = base if layout == "out_in" else base.t()
+        super().__init__(canonical.contiguous(), coef)
+        self.layout = layout
+        self.temperature = float(temperature)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        has_factors = U is not None or S is not None or V is not None
+        if has_factors and deltas is not None:
+            raise ValueError("give either factors (U, S, V) or dense deltas, not both")
+        dtype = self.base.dtype
+        if has_factors:
+            self._check_factors(U, S, V)
+            U, S, V = (x.detach().to(dtype).contiguous() for x in (U, S, V))
+        elif deltas is not None and deltas.shape[1:] != self.base.shape:
+            raise ValueError(f"deltas: expected (T, {self.out_features}, {self.in_features}), got {tuple(deltas.shape)}")
+        self.register_buffer("U", U)
+        self.register_buffer("S", S)
+        self.register_buffer("V", V)
+        self.register_buffer("deltas", None if deltas is None else deltas.detach().to(dtype))
+        if mask_logits is not None and (S is None or mask_logits.shape != S.shape):
+            raise ValueError("mask_logits: masks need factors and must have the shape of S (T, k)")
+        self.mask_logits = mask_logits
+        self._check_coef()
+        self.path = "auto"
+
+    def _check_factors(self, U: Tensor | None, S: Tensor | None, V: Tensor | None) -> None:
+        if U is None or S is None or V is None:
+            raise ValueError("U, S and V must be given together")
+        T, k = S.shape
+        if U.shape != (T, self.out_features, k) or V.shape != (T, self.in_features, k):
+            raise ValueError(
+                f"factors: expected U {(T, self.out_features, k)} and V {(T, self.in_features, k)}, "
+                f"got {tuple(U.shape)} and {tuple(V.shape)}"
+            )
+
+    @property
+    def out_features(self) -> int:
+        """Rows of the canonical (out, in) weight."""
+        return self.base.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Columns of the canonical (out, in) weight."""
+        return self.base.shape[1]
+
+    @property
+    def num_tasks(self) -> int:
+        if self.S is not None:
+            return self.S.shape[0]
+        return 0 if self.deltas is None else self.deltas.shape[0]
+
+    @property
+    def rank(self) -> int:
+        """Stored components per task (0 for dense or base-only weights)."""
+        return 0 if self.S is None else self.S.shape[1]
+
+    def masks(self) -> Tensor | None:
+        """Masks over singular components, (T, k): hard 0/1 forward, straight-through backward."""
+        if self.mask_logits is None:
+            return None
+        return straight_through_mask(self.mask_logits, self.temperature)
+
+    def _component_scales(self) -> Tensor:
+        """λ_t · m_t · σ_t flattened to (T·k,), matching the concatenated factor columns."""
+        scales = self.lambdas()[:, None] * self.S
+        masks = self.masks()
+        if masks is not None:
+            scales = scales * masks.to(scales.dtype)
+        return scales.reshape(-1)
+
+    def _concatenated(self) -> tuple[Tensor, Tensor]:
+        """U and V with all tasks' components side by side: (out, T·k), (in, T·k)."""
+        return self.U.transpose(0, 1).flatten(1), self.V.transpose(0, 1).flatten(1)
+
+    def delta_weight(self) -> Tensor:
+        """The task term Σ_t λ_t U_t diag(m_t σ_t) V_tᵀ (or Σ_t λ_t Δ_t), canonical (out, in)."""
+        if self.S is not None:
+            U, V = self._concatenated()
+            return (U * self._component_scales()) @ V.t()
+        if self.deltas is not None:
+            return torch.tensordot(self.lambdas(), self.deltas, dims=1)
+        return torch.zeros_like(self.base)
+
+    def compute(self) -> Tensor:
+        weight = self.base if self.num_tasks == 0 else self.base + self.delta_weight()
+        return weight if self.layout == "out_in" else weight.t()
+
+    def use_low_rank(self, tokens: int) -> bool:
+        """Whether ``x @ Wᵀ`` for ``tokens`` rows is cheaper through the factors than by materialising W.
+
+        Materialising costs T·k·out·in once; the low-rank path T·k·(out+in) per token, so it
+        wins below out·in/(out+in) tokens (DESIGN.md, "Cost of one forward"). A weight already
+        computed in this forward is always reused.
+        """
+        if self.S is None or self.path == "materialize":
+            return False
+        if self.path == "low_rank":
+            return True
+        if _cache is not None and id(self) in _cache:
+            return False
+        return tokens * (self.out_features + self.in_features) < self.out_features * self.in_features
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``x @ Wᵀ + bias`` for the canonical weight, by the cheaper path."""
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if not self.use_low_rank(tokens):
+            weight = self()
+            return F.linear(x, weight if self.layout == "out_in" else weight.t(), bias)
+        U, V = self._concatenated()
+        return F.linear(x, self.base, bias) + ((x @ V) * self._component_scales()) @ U.t()
+
+
+class MergedLinear(nn.Module):
+    """An ``nn.Linear`` with a merged weight (and bias): a drop-in replacement that reads like one.
+
+    ``.weight`` and ``.bias`` are ordinary tensors (``nn.MultiheadAttention`` reads
+    ``out_proj.weight`` directly); ``forward`` picks the materialised or low-rank path per call;
+    ``fuse()`` returns the plain layer of the original class with the merged values.
+    """
+
+    def __init__(self, weight: MergedWeight, bias: MergedTensor | None = None, original: nn.Linear | None = None) -> None:
+        super().__init__()
+        if weight.layout != "out_in":
+            raise ValueError("weight: MergedLinear needs an (out, in) weight")
+        if bias is not None and bias.base.shape != (weight.out_features,):
+            raise ValueError(f"bias: expected shape ({weight.out_features},), got {tuple(bias.base.shape)}")
+        self.weight_merge = weight
+        self.bias_merge = bias
+        shell = original if original is not None else nn.Linear(1, 1, bias=False, device="meta")
+        self.__dict__["_shell"] = _empty_shell(shell)
+
+    @property
+    def weight(self) -> Tensor:
+        """The merged weight (out, in)."""
+        return self.weight_merge()
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The merged bias, or None."""
+        return None if self.bias_merge is None else self.bias_merge()
+
+    @property
+    def in_features(self) -> int:
+        """Input features, as ``nn.Linear``."""
+        return self.weight_merge.in_features
+
+    @property
+    def out_features(self) -> int:
+        """Output features, as ``nn.Linear``."""
+        return self.weight_merge.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ Wᵀ + b`` with the merged weight."""
+        return self.weight_merge.linear(x, self.bias)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Linear:
+        """A plain layer of the original class holding the current merged weight and bias."""
+        bias = None if self.bias_merge is None else nn.Parameter(self.bias.detach().clone())
+        return self.fuse_with(nn.Parameter(self.weight.detach().clone()), bias)
+
+    def fuse_with(self, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+        """A plain layer of the original class holding the given weight and bias."""
+        layer = copy.deepcopy(self._shell)
+        layer.in_features, layer.out_features = self.in_features, self.out_features
+        layer.weight, layer.bias = weight, bias
+        return layer
+
+    def extra_repr(self) -> str:
+        w = self.weight_merge
+        return f"in_features={self.in_features}, out_features={self.out_features}, tasks={w.num_tasks}, rank={w.rank}"
+
+
+def _empty_shell(module: nn.Module) -> nn.Module:
+    """A parameter-free copy of ``module`` (its class and settings), used to rebuild the plain layer."""
+    params = dict(module._parameters)
+    module._parameters.clear()
+    try:
+        shell = copy.deepcopy(module)
+    finally:
+        module._parameters.update(params)
+    return shell

@@ -1,0 +1,60 @@
+"""The registry of merging methods, each a declarative :class:`Method` (DESIGN.md, table of methods)."""
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Method, TaskVectorSource, Transform, UnknownMethodError
+from .ties import Ties
+from .tsv import TaskSingularVectors
+
+__all__ = ["Method", "Transform", "TaskVectorSource", "UnknownMethodError", "METHODS", "get_method", "register_method"]
+
+CART_RANK = 0.08  # CART's γ: keep ⌈0.08·min(out, in)⌉ components
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, *aliases: str) -> Method:
+    """Make ``method`` available to :func:`get_method` under its name and any aliases."""
+    for name in (method.name, *aliases):
+        METHODS[name] = method
+    return method
+
+
+register_method(Method("weight_averaging", base="average", matrices="none", dense=False), "average", "wa")
+register_method(Method("task_arithmetic", scaling=0.3), "ta")
+register_method(Method("ties", scaling=1.0, transform=Ties()), "ties_merging")
+register_method(Method("tsv", matrices="svd", scaling=1.0, transform=TaskSingularVectors()), "tsv_m")
+register_method(Method("task_vector_svd", matrices="svd", rank=CART_RANK, scaling=0.3))
+register_method(Method("cart", base="average", matrices="svd", dense=False, rank=CART_RANK, scaling=1.0))
+register_method(Method("adamerging_taskwise", coefficients="task", scaling=0.3))
+register_method(Method("adamerging_layerwise", coefficients="layer", scaling=0.3), "adamerging")
+register_method(
+    Method("cart_pp", base="average", matrices="svd", dense=False, rank=CART_RANK, scaling=1.0, coefficients="layer"),
+    "cart++",
+)
+register_method(Method("adarank_ta", matrices="svd", coefficients="layer", scaling=0.3, masks=True))
+register_method(
+    Method(
+        "adarank_cart", base="average", matrices="svd", dense=False, coefficients="layer",
+        scaling=1.0, masks=True, mask_rank=CART_RANK,
+    )
+)
+
+
+def get_method(method: str | Method, **options: Any) -> Method:
+    """The registered method called ``method`` (or ``method`` itself) with ``options`` applied.
+
+    Options that are fields of the method's transform (e.g. TIES's ``density``) go to the transform.
+    """
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise UnknownMethodError(f"unknown method {method!r}; available: {sorted(set(METHODS))}")
+        method = METHODS[method]
+    elif not isinstance(method, Method):
+        raise TypeError(f"method must be a name or a Method, got {type(method).__name__}")
+    transform_fields = set(getattr(method.transform, "__dataclass_fields__", {})) - {"thresholds"}
+    transform_options = {k: options.pop(k) for k in list(options) if k in transform_fields}
+    if transform_options:
+        options["transform"] = type(method.transform)(**transform_options)
+    return method.with_options(**options) if options else method

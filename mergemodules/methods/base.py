@@ -1,0 +1,109 @@
+"""A merging method as a declarative description: which base, which task term, which learnables."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from torch import Tensor
+
+from ..decompose import Factors, truncated_svd
+
+__all__ = ["Method", "Transform", "TaskVectorSource", "UnknownMethodError"]
+
+BASES = ("pretrained", "average")
+MATRIX_TERMS = ("none", "dense", "svd")
+COEFFICIENT_SCOPES = ("global", "task", "layer")
+
+# A callable yielding (parameter name, stacked task vectors (T, *shape) in float32, is_matrix).
+TaskVectorSource = Callable[[], Iterator[tuple[str, Tensor, bool]]]
+
+
+class UnknownMethodError(KeyError):
+    """Raised for a method name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+class Transform:
+    """How a method turns task vectors into stored task terms. The default keeps them as they are.
+
+    ``fit`` sees every task vector once before anything is built (TIES's magnitude thresholds,
+    AWD's redundant vector) and returns the transform to use; ``vectors`` maps one tensor's
+    stacked task vectors (T, *shape) to its stored terms (T', *shape); ``factorize`` turns one
+    matrix's terms (T', out, in) into k-component factors.
+    """
+
+    def fit(self, source: TaskVectorSource) -> "Transform":
+        """Gather global statistics; the identity needs none."""
+        return self
+
+    def vectors(self, name: str, task_vectors: Tensor, is_matrix: bool) -> Tensor:
+        """The stored terms of one tensor."""
+        return task_vectors
+
+    def factorize(self, terms: Tensor, k: int) -> Factors:
+        """Top-k SVD of every term of one matrix, all terms in one batched call."""
+        return truncated_svd(terms, k)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One setting of the merged layer (DESIGN.md, "Methods and their settings").
+
+    Attributes:
+        name: registry name.
+        base: B — ``"pretrained"`` (θ₀) or ``"average"`` (θ_avg = mean_t θ_t).
+        matrices: the task term of matrices — ``"none"``, ``"dense"`` (Σ λ_t τ_t) or ``"svd"``
+            (stacked truncated SVD factors, ``rank`` components per task).
+        dense: whether non-matrix tensors get the dense task term (else they stay at B).
+        rank: stored rank of ``"svd"`` matrices: None (full), a fraction in (0, 1] or an int.
+        scaling: initial λ.
+        coefficients: ``"global"`` (one λ), ``"task"`` (one per task, shared by all layers) or
+            ``"layer"`` (one per task per tensor).
+        masks: learn AdaRank mask logits over the stored components.
+        mask_rank: components initially switched on per task (None: all).
+        mask_init: |ℓ| at initialisation (ℓ = +mask_init on, −mask_init off; AdaRank's code uses 0.1).
+        temperature: the straight-through temperature.
+        transform: task-vector transform (TIES, TSV-M, AWD); the identity by default.
+    """
+
+    name: str
+    base: str = "pretrained"
+    matrices: str = "dense"
+    dense: bool = True
+    rank: int | float | None = None
+    scaling: float = 1.0
+    coefficients: str = "global"
+    masks: bool = False
+    mask_rank: int | float | None = None
+    mask_init: float = 0.1
+    temperature: float = 10.0
+    transform: Transform = field(default_factory=Transform)
+
+    def __post_init__(self) -> None:
+        for attr, allowed in (("base", BASES), ("matrices", MATRIX_TERMS), ("coefficients", COEFFICIENT_SCOPES)):
+            if getattr(self, attr) not in allowed:
+                raise ValueError(f"{attr}={getattr(self, attr)!r}: expected one of {allowed}")
+        if self.masks and self.matrices != "svd":
+            raise ValueError("masks: AdaRank masks need matrices='svd'")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature!r} must be positive")
+        if self.mask_init <= 0:
+            raise ValueError(f"mask_init={self.mask_init!r} must be positive")
+        if not isinstance(self.scaling, (int, float)) or self.scaling != self.scaling:
+            raise ValueError(f"scaling={self.scaling!r} must be a number")
+
+    @property
+    def has_task_terms(self) -> bool:
+        """Whether any tensor carries λ-weighted task terms."""
+        return self.matrices != "none" or self.dense
+
+    def with_options(self, **options: Any) -> "Method":
+        """A copy with some fields replaced; an unknown option is an error naming it."""
+        names = {f.name for f in dataclasses.fields(self)} - {"name"}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for method {self.name!r}; valid options: {sorted(names)}")
+        return dataclasses.replace(self, **options)

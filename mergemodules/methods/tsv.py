@@ -1,0 +1,44 @@
+"""TSV-M (Gargiulo et al., 2025): per-task low-rank task vectors with jointly orthogonalised bases."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..decompose import Factors, truncated_svd
+from .base import Transform
+
+__all__ = ["TaskSingularVectors", "orthogonalize"]
+
+
+def orthogonalize(X: Tensor) -> Tensor:
+    """The nearest matrix with orthonormal columns (orthogonal Procrustes): ``P·Qᵀ`` for ``X = P·S·Qᵀ``."""
+    P, _, Qh = torch.linalg.svd(X, full_matrices=False)
+    return P @ Qh
+
+
+@dataclass(frozen=True)
+class TaskSingularVectors(Transform):
+    """Each task keeps ⌊k/T⌋ singular components (the method's rank split evenly between tasks);
+    the concatenated left and right singular vectors of all tasks are orthogonalised jointly,
+    removing the interference between tasks' subspaces. Non-matrix tensors are averaged (τ_t/T),
+    so that θ = θ₀ + α·Σ_t(...) with α = λ = 1 is the TSV-M merge.
+    """
+
+    def vectors(self, name: str, task_vectors: Tensor, is_matrix: bool) -> Tensor:
+        """Matrices pass through to ``factorize``; other tensors become τ_t / T."""
+        return task_vectors if is_matrix else task_vectors / task_vectors.shape[0]
+
+    def factorize(self, terms: Tensor, k: int) -> Factors:
+        """Per-task top-⌊k/T⌋ SVD, then orthogonalise the stacked U and V of all tasks."""
+        T, out, inp = terms.shape
+        per_task = max(1, k // T)
+        U, S, V = truncated_svd(terms, per_task)
+        U_perp = orthogonalize(U.transpose(0, 1).reshape(out, T * per_task))
+        V_perp = orthogonalize(V.transpose(0, 1).reshape(inp, T * per_task))
+        return Factors(
+            U_perp.reshape(out, T, per_task).transpose(0, 1).contiguous(),
+            S,
+            V_perp.reshape(inp, T, per_task).transpose(0, 1).contiguous(),
+        )

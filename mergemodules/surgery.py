@@ -1,0 +1,175 @@
+"""Model surgery: turn any model into a merged model, and fuse it back into a plain one.
+
+Every ``nn.Linear`` becomes a :class:`MergedLinear`. Every other parameter (attention
+in-projections, ``Conv1D`` weights, projections, biases, norms, embeddings) is replaced by a
+computed attribute, as ``torch.nn.utils.parametrize`` does: the module's class is swapped for a
+per-instance subclass with a property that evaluates the merged tensor, so code reading
+``module.in_proj_weight`` directly gets an ordinary tensor. ``fuse`` undoes both.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .build import as_source, build_merged_tensors, check_sources
+from .layers import MergedLinear, MergedTensor, MergedWeight, _Merged, weight_cache
+from .methods import Method, get_method
+from .targets import Entry, Patterns, plan
+
+__all__ = ["MergedModel", "merge", "install"]
+
+_ORIGINAL_CLASS = "_mergemodules_original_class"
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    root.get_submodule(parent_name).add_module(child, module)
+
+
+def _attach(module: nn.Module, attr: str, merged: _Merged) -> None:
+    """Replace ``module.<attr>`` by a property computing ``merged()``."""
+    module._parameters.pop(attr, None)
+    if _ORIGINAL_CLASS not in type(module).__dict__:
+        original = type(module)
+        module.__class__ = type(original.__name__, (original,), {_ORIGINAL_CLASS: original})
+        module.add_module("merged_tensors", nn.ModuleDict())
+    module.merged_tensors[attr] = merged
+    setattr(type(module), attr, property(lambda self: self.merged_tensors[attr](), doc=f"merged {attr}"))
+
+
+def _linear_replacement(model: nn.Module, module_name: str, entries: Mapping[str, Entry], merged: Mapping[str, _Merged]) -> MergedLinear | None:
+    """A MergedLinear for an untied ``nn.Linear`` whose weight is merged as a matrix, else None."""
+    module = model.get_submodule(module_name)
+    if not isinstance(module, nn.Linear):
+        return None
+    prefix = f"{module_name}." if module_name else ""
+    weight, bias = entries.get(prefix + "weight"), entries.get(prefix + "bias")
+    if weight is None or weight.aliases or weight.layout != "out_in" or (bias is not None and bias.aliases):
+        return None
+    return MergedLinear(merged[weight.name], None if bias is None else merged[bias.name], original=module)
+
+
+def install(model: nn.Module, entries: Sequence[Entry], merged: Mapping[str, _Merged]) -> nn.Module:
+    """Put the merged tensors into ``model`` in place; returns the root (a MergedLinear if the root was a Linear)."""
+    by_name = {e.name: e for e in entries}
+    owner_modules = dict.fromkeys(owner for e in entries for owner, _ in e.owners)
+    replaced = set()
+    for module_name in owner_modules:
+        replacement = _linear_replacement(model, module_name, by_name, merged)
+        if replacement is None:
+            continue
+        replaced.add(module_name)
+        if module_name == "":
+            model = replacement
+        else:
+            _set_submodule(model, module_name, replacement)
+    for entry in entries:
+        for module_name, attr in entry.owners:
+            if module_name not in replaced:
+                _attach(model.get_submodule(module_name), attr, merged[entry.name])
+    return model
+
+
+class MergedModel(nn.Module):
+    """A model whose parameters are merged tensors; forward and attributes behave like the original.
+
+    ``parameters()`` are exactly the learnables (λ and the mask logits ℓ); ``fuse()`` returns a
+    plain model of the original class and state-dict keys with the current merged values.
+    """
+
+    def __init__(self, model: nn.Module, method: Method, num_tasks: int, merged: Mapping[str, _Merged]) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.num_tasks = num_tasks
+        self.__dict__["_merged"] = dict(merged)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The original model's forward, evaluating each merged tensor once."""
+        with weight_cache():
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def merged_tensors(self) -> dict[str, _Merged]:
+        """Parameter name → its merged tensor module (tied parameters under their first name)."""
+        return dict(self._merged)
+
+    def merged_weights(self) -> dict[str, MergedWeight]:
+        """The tensors merged as matrices."""
+        return {n: m for n, m in self._merged.items() if isinstance(m, MergedWeight)}
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        """A plain model of the original class holding the merged weights (hard masks, current λ)."""
+        with weight_cache():
+            values = {id(m): nn.Parameter(m().detach().contiguous().clone()) for m in self._merged.values()}
+        memo: dict[int, Any] = {id(m): None for m in self.model.modules() if isinstance(m, (_Merged, MergedLinear))}
+        plain = copy.deepcopy(self.model, memo)
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, MergedLinear):
+                bias = None if module.bias_merge is None else values[id(module.bias_merge)]
+                fused = module.fuse_with(values[id(module.weight_merge)], bias)
+                if name == "":
+                    return fused
+                _set_submodule(plain, name, fused)
+            elif _ORIGINAL_CLASS in type(module).__dict__:
+                target = plain.get_submodule(name)
+                target.__class__ = type(module).__dict__[_ORIGINAL_CLASS]
+                del target._modules["merged_tensors"]
+                for attr, merged in module.merged_tensors.items():
+                    target.register_parameter(attr, values[id(merged)])
+        return plain
+
+    def extra_repr(self) -> str:
+        weights = self.merged_weights()
+        return f"method={self.method.name}, tasks={self.num_tasks}, matrices={len(weights)}, tensors={len(self._merged)}"
+
+
+def merge(
+    pretrained: nn.Module,
+    finetuned: Sequence[nn.Module | Mapping[str, Tensor]],
+    method: str | Method = "task_arithmetic",
+    *,
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    matrices: Mapping[str, str] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> MergedModel:
+    """Merge fine-tuned versions of ``pretrained`` into one differentiable :class:`MergedModel`.
+
+    Args:
+        pretrained: the pretrained model θ₀ (not modified; its parameters are not copied twice).
+        finetuned: T fine-tuned models or state dicts of the same architecture.
+        method: a registered name (``"weight_averaging"``, ``"task_arithmetic"``, ``"ties"``,
+            ``"tsv"``, ``"cart"``, ``"task_vector_svd"``, ``"adamerging_taskwise"``,
+            ``"adamerging_layerwise"``, ``"cart_pp"``, ``"adarank_ta"``, ``"adarank_cart"``, ...)
+            or a :class:`Method`.
+        targets: which parameters are merged (regex string, or list of globs / module-name
+            suffixes as PEFT's ``target_modules``); default all. The rest keep pretrained values.
+        exclude: parameters kept at their pretrained value (e.g. ``["head"]``), same syntax.
+        matrices: extra 2-D parameters to merge as matrices, ``{glob: "out_in" | "in_out"}``.
+        progress: show a progress bar.
+        **options: method options, e.g. ``rank`` (fraction of min(out, in) or int), ``scaling`` (λ),
+            ``density`` (TIES), ``mask_rank``, ``temperature``.
+    """
+    method = get_method(method, **options)
+    if not isinstance(finetuned, Sequence) or isinstance(finetuned, (str, bytes)) or len(finetuned) == 0:
+        raise ValueError("finetuned: need a non-empty list of fine-tuned models or state dicts")
+    sources = [as_source(item, i, pretrained) for i, item in enumerate(finetuned)]
+    entries = plan(pretrained, targets, exclude, matrices)
+    check_sources(entries, sources, set(pretrained.state_dict()))
+    params = dict(pretrained.named_parameters(remove_duplicate=False))
+    merged = build_merged_tensors(entries, params, sources, method, progress=progress)
+    model = copy.deepcopy(pretrained, memo={id(p): p for p in params.values()})
+    return MergedModel(install(model, entries, merged), method, len(sources), merged)
