@@ -1,0 +1,147 @@
+"""Export: fused weights as safetensors with the original keys, and the merge state (B, factors, λ, ℓ).
+
+Every file is written atomically: to a temporary file in the same folder, then renamed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .layers import MergedTensor, MergedWeight, _Merged
+from .methods import Method
+from .surgery import MergedModel, install
+from .targets import plan
+
+__all__ = ["atomic_write", "fused_state_dict", "save_fused", "save_merge_state", "load_merge_state"]
+
+FORMAT = "mergemodules.merge_state"
+VERSION = 1
+_SEP = "::"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def fused_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The plain state dict of ``model`` (fused first if it is a MergedModel), tied tensors un-shared."""
+    plain = model.fuse() if isinstance(model, MergedModel) else model
+    state, seen = {}, set()
+    for key, tensor in plain.state_dict().items():
+        tensor = tensor.detach()
+        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        state[key] = tensor.clone().contiguous() if storage in seen else tensor.contiguous()
+        seen.add(storage)
+    return state
+
+
+def save_fused(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Save the fused model as safetensors with the original state-dict keys (loads with ``load_state_dict``)."""
+    state = fused_state_dict(model)
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
+
+def _module_tensors(merged: _Merged) -> dict[str, Tensor]:
+    return {k: v for k, v in merged.named_buffers(recurse=False) if v is not None} | (
+        {"mask_logits": merged.mask_logits.detach()} if getattr(merged, "mask_logits", None) is not None else {}
+    )
+
+
+def save_merge_state(merged: MergedModel, path: str | os.PathLike) -> Path:
+    """Save everything a merged model needs (B, Δ or U/σ/V, λ, ℓ) to rebuild it without the checkpoints."""
+    if not isinstance(merged, MergedModel):
+        raise TypeError(f"merged must be a MergedModel, got {type(merged).__name__}")
+    groups: dict[int, str] = {}
+    tensors: dict[str, Tensor] = {}
+    layout: dict[str, dict] = {}
+    for name, module in merged.merged_tensors().items():
+        info: dict = {"kind": "weight" if isinstance(module, MergedWeight) else "tensor"}
+        if isinstance(module, MergedWeight):
+            info.update(layout=module.layout, temperature=module.temperature)
+        if module.coef is not None:
+            group = groups.setdefault(id(module.coef), f"coef{len(groups)}")
+            tensors[f"{group}{_SEP}coef"] = module.coef.detach()
+            info["coef"] = group
+        for key, tensor in _module_tensors(module).items():
+            tensors[f"{name}{_SEP}{key}"] = tensor.detach().contiguous()
+        layout[name] = info
+    method = {f.name: getattr(merged.method, f.name) for f in dataclasses.fields(Method) if f.name != "transform"}
+    header = {"format": FORMAT, "version": VERSION, "num_tasks": merged.num_tasks, "method": method, "tensors": layout}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={FORMAT: json.dumps(header)}))
+
+
+def _read_merge_state(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"merge state {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from err
+    if FORMAT not in metadata:
+        raise ValueError(f"{str(path)!r} is not a mergemodules merge state (no {FORMAT!r} metadata)")
+    header = json.loads(metadata[FORMAT])
+    if header.get("version") != VERSION:
+        raise ValueError(f"{str(path)!r} has merge-state version {header.get('version')}, this library reads {VERSION}")
+    return header, tensors
+
+
+def _rebuild(name: str, info: dict, tensors: dict[str, Tensor], coefs: dict[str, nn.Parameter]) -> _Merged:
+    own = {k.split(_SEP, 1)[1]: v for k, v in tensors.items() if k.startswith(name + _SEP)}
+    coef = coefs[info["coef"]] if "coef" in info else None
+    if info["kind"] == "tensor":
+        return MergedTensor(own["base"], own.get("deltas"), coef)
+    base = own["base"] if info["layout"] == "out_in" else own["base"].t()
+    logits = own.get("mask_logits")
+    return MergedWeight(
+        base, U=own.get("U"), S=own.get("S"), V=own.get("V"), deltas=own.get("deltas"), coef=coef,
+        mask_logits=None if logits is None else nn.Parameter(logits), temperature=info["temperature"],
+        layout=info["layout"],
+    )
+
+
+def load_merge_state(model: nn.Module, path: str | os.PathLike) -> MergedModel:
+    """Rebuild a :class:`MergedModel` on ``model``'s architecture (its weights are not used) from a merge state."""
+    header, tensors = _read_merge_state(path)
+    entries = plan(model)
+    saved, expected = set(header["tensors"]), {e.name for e in entries}
+    if saved != expected:
+        missing, extra = sorted(expected - saved), sorted(saved - expected)
+        raise KeyError(f"{str(path)!r} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    coefs = {k.split(_SEP)[0]: nn.Parameter(v) for k, v in tensors.items() if k.endswith(f"{_SEP}coef")}
+    merged = {}
+    for entry in entries:
+        module = _rebuild(entry.name, header["tensors"][entry.name], tensors, coefs)
+        if tuple(module().shape) != entry.shape:
+            raise ValueError(f"{str(path)!r}: tensor {entry.name!r} has shape {tuple(module().shape)}, the model {entry.shape}")
+        entry.layout = getattr(module, "layout", None)
+        merged[entry.name] = module
+    method = Method(**header["method"])
+    params = {id(p): p for p in model.parameters()}
+    shell = copy.deepcopy(model, memo=dict(params))
+    return MergedModel(install(shell, entries, merged), method, header["num_tasks"], merged)
