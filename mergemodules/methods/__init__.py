@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .awd import AWD
 from .base import Method, TaskVectorSource, Transform, UnknownMethodError
 from .ties import Ties
 from .tsv import TaskSingularVectors
@@ -40,6 +41,10 @@ register_method(
         scaling=1.0, masks=True, mask_rank=CART_RANK,
     )
 )
+# AWD (papers/003): TA and layer-wise AdaMerging on τ_i − δ; λ = 0.3 (first of the paper's grid, and its
+# AdaMerging init). Other methods compose: get_method("cart", transform=AWD()) or awd.with_awd("cart").
+register_method(Method("awd_ta", scaling=0.3, transform=AWD()), "awd_task_arithmetic")
+register_method(Method("awd_adamerging", coefficients="layer", scaling=0.3, transform=AWD()), "awd_adamerging_layerwise")
 
 
 def get_method(method: str | Method, **options: Any) -> Method:

@@ -1,0 +1,379 @@
+"""AWD, Adaptive Weight Disentanglement (Xiong et al., 2025; ``papers/003``, §3.3, Algorithm 1).
+
+A redundant vector δ, initialised to zero, is learned so that the disentangled task vectors
+τ̂_i = τ_i − δ are as orthogonal as possible while δ stays small (Eqs. 11–14):
+
+    L(δ) = 1/(K(K−1)) · Σ_{i≠j} |cos(τ_i − δ, τ_j − δ)| + α·‖δ‖₂
+
+The cosine is global: over the whole flattened task vector of the tensors in scope, not per layer.
+Every method then uses τ̂_i in place of τ_i: Task Arithmetic (AWD-TA, θ = θ₀ + λ·Σ_i τ̂_i) and
+layer-wise AdaMerging (AWD-AdaMerging), and through ``inner`` or ``Method.transform`` any other
+method that takes task vectors (CART, AdaRank, TIES, TSV-M; untested by the paper, see docs/awd.md).
+
+Memory: the task vectors of the tensors in scope are held once, as they come from the source (one
+(T, n) block per tensor, never concatenated). Each step streams over the blocks twice with
+matrix-vector products: ``p_i = Σ_l ⟨τ_il, δ_l⟩`` gives the Gram matrix of the τ̂_i through
+G = G₀ − p1ᵀ − 1pᵀ + ‖δ‖² (G₀ = Gram of the τ_i, once, float64); autograd runs on the T×T matrix
+only, and ∂L/∂δ_l = −Σ_i c_i τ_il + (Σ_i c_i)·δ_l with c = (A + Aᵀ)·1, A = ∂L_O/∂G. Beyond the task
+vectors this costs δ, its gradient and the optimizer's state: 4 floats per parameter in scope (Adam).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..decompose import Factors
+from .base import TaskVectorSource, Transform
+
+if TYPE_CHECKING:
+    from .base import Method
+
+__all__ = [
+    "AWD", "FittedAWD", "ALPHA_GRID", "SCALING_GRID", "awd_loss", "awd_gradient", "cosine_matrix",
+    "learn_redundant_vector", "with_awd",
+]
+
+logger = logging.getLogger(__name__)
+
+ALPHA_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # the paper's α grid (§7.3)
+SCALING_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the paper's λ grid for AWD-TA (§7.3)
+OPTIMIZERS = ("adam", "sgd")
+SCOPES = ("matrices", "all")
+
+
+def cosine_matrix(gram: Tensor) -> Tensor:
+    """Pairwise cosine similarities from a Gram matrix: G_ij / (‖·_i‖‖·_j‖)."""
+    norms = gram.diagonal().sqrt()
+    return gram / (norms[:, None] * norms[None, :])
+
+
+def _off_diagonal(matrix: Tensor) -> Tensor:
+    """The entries i ≠ j of a square matrix, flattened."""
+    T = matrix.shape[0]
+    return matrix[~torch.eye(T, dtype=torch.bool, device=matrix.device)]
+
+
+def _orthogonality(gram: Tensor) -> Tensor:
+    """L_O of Eq. 11: the mean |cos| over ordered pairs i ≠ j."""
+    return _off_diagonal(cosine_matrix(gram)).abs().mean()
+
+
+class _Objective:
+    """Eq. 14 over task vectors held as one flattened (T, n_l) block per tensor."""
+
+    def __init__(self, blocks: Sequence[Tensor], alpha: float) -> None:
+        self.blocks = list(blocks)
+        self.alpha = float(alpha)
+        T = self.blocks[0].shape[0]
+        self.gram0 = torch.zeros(T, T, dtype=torch.float64, device=self.blocks[0].device)
+        for block in self.blocks:
+            self.gram0 += (block @ block.T).double()
+        zero = (self.gram0.diagonal() == 0).nonzero().flatten().tolist()
+        if zero:
+            raise ValueError(f"task vector(s) {zero} are zero on the AWD scope: their cosine is undefined")
+
+    def gram(self, deltas: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Gram matrix of τ_i − δ and ‖δ‖², both float64, streamed over the blocks."""
+        p = torch.zeros_like(self.gram0[0])
+        squared = torch.zeros((), dtype=torch.float64, device=p.device)
+        for block, delta in zip(self.blocks, deltas):
+            p += (block @ delta).double()
+            squared += torch.dot(delta, delta).double()
+        return self.gram0 - p[:, None] - p[None, :] + squared, squared
+
+    def loss(self, deltas: Sequence[Tensor]) -> float:
+        """L(δ) of Eq. 14."""
+        gram, squared = self.gram(deltas)
+        return float(_orthogonality(gram) + self.alpha * squared.sqrt())
+
+    def loss_and_gradient(self, deltas: Sequence[Tensor]) -> tuple[float, list[Tensor]]:
+        """L(δ) and ∂L/∂δ per block; at δ = 0 the minimum-norm subgradient of α‖δ‖ (0 if α ≥ ‖∇L_O‖)."""
+        gram, squared = self.gram(deltas)
+        with torch.enable_grad():
+            gram = gram.detach().requires_grad_(True)
+            orthogonality = _orthogonality(gram)
+            (A,) = torch.autograd.grad(orthogonality, gram)
+        c = (A + A.T).sum(dim=1)
+        norm = float(squared.sqrt())
+        grads = []
+        for block, delta in zip(self.blocks, deltas):
+            grad = torch.addmv(delta, block.T, c.to(block.dtype), beta=float(c.sum()), alpha=-1.0)
+            if norm > 0:
+                grad.add_(delta, alpha=self.alpha / norm)
+            grads.append(grad)
+        if norm == 0:
+            grad_norm = math.sqrt(sum(float(torch.dot(g, g)) for g in grads))
+            shrink = max(0.0, 1.0 - self.alpha / grad_norm) if grad_norm > 0 else 0.0
+            for grad in grads:
+                grad.mul_(shrink)
+        return float(orthogonality.detach()) + self.alpha * norm, grads
+
+
+def _blocks(task_vectors: Sequence[Tensor]) -> list[Tensor]:
+    if len(task_vectors) == 0:
+        raise ValueError("task_vectors: need at least one tensor of stacked task vectors")
+    T = task_vectors[0].shape[0]
+    for i, tv in enumerate(task_vectors):
+        if tv.dim() < 1 or tv.shape[0] != T:
+            raise ValueError(f"task_vectors[{i}] has shape {tuple(tv.shape)}; expected ({T}, ...) like task_vectors[0]")
+    if T < 2:
+        raise ValueError(f"task_vectors: AWD needs at least two tasks (fine-tuned models), got {T}")
+    return [tv.reshape(T, -1) for tv in task_vectors]
+
+
+def awd_loss(task_vectors: Sequence[Tensor], deltas: Sequence[Tensor], alpha: float) -> float:
+    """L(δ) of Eq. 14 for stacked task vectors (T, *shape_l) and redundant vectors (*shape_l) per tensor."""
+    blocks = _blocks(task_vectors)
+    return _Objective(blocks, alpha).loss([d.reshape(-1) for d in deltas])
+
+
+def awd_gradient(task_vectors: Sequence[Tensor], deltas: Sequence[Tensor], alpha: float) -> list[Tensor]:
+    """∂L/∂δ of Eq. 14, one tensor per δ_l, computed by streaming sums (see the module docstring)."""
+    blocks = _blocks(task_vectors)
+    _, grads = _Objective(blocks, alpha).loss_and_gradient([d.reshape(-1) for d in deltas])
+    return [g.view_as(d) for g, d in zip(grads, deltas)]
+
+
+def _check_options(alpha: float, steps: int, lr: float, optimizer: str) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or math.isinf(alpha):
+        raise ValueError(f"alpha={alpha!r} must be a finite number ≥ 0")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps={steps!r} must be a positive integer")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or math.isinf(lr):
+        raise ValueError(f"lr={lr!r} must be a finite number > 0")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
+
+
+def learn_redundant_vector(
+    task_vectors: Sequence[Tensor],
+    alpha: float,
+    steps: int,
+    lr: float,
+    optimizer: str = "adam",
+    progress: bool = False,
+) -> tuple[list[Tensor], list[float], Tensor, Tensor]:
+    """Algorithm 1: minimise Eq. 14 from δ = 0 for ``steps`` steps.
+
+    Args:
+        task_vectors: per tensor, the stacked task vectors (T, *shape); held, never copied.
+        alpha: α of Eq. 14.
+        steps: number of optimizer steps (the paper's N).
+        lr: learning rate (the paper's β).
+        optimizer: ``"adam"`` or ``"sgd"`` (Algorithm 1's plain gradient step).
+        progress: show a progress bar.
+
+    Returns:
+        δ per tensor (shaped like one task vector of it), the loss at δ⁰ … δᴺ (N + 1 values), and the
+        pairwise cosine matrices of the task vectors before and after (T × T, float64).
+    """
+    _check_options(alpha, steps, lr, optimizer)
+    blocks = _blocks(task_vectors)
+    objective = _Objective(blocks, alpha)
+    deltas = [torch.zeros_like(block[0]) for block in blocks]
+    opt = torch.optim.Adam(deltas, lr=lr) if optimizer == "adam" else torch.optim.SGD(deltas, lr=lr)
+    history = []
+    bar = tqdm(range(steps), desc="AWD δ", disable=not progress, unit="step")
+    for _ in bar:
+        loss, grads = objective.loss_and_gradient(deltas)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"AWD loss became {loss} after {len(history)} steps (lr={lr!r} too large?)")
+        history.append(loss)
+        bar.set_postfix(loss=f"{loss:.5f}", refresh=False)
+        for delta, grad in zip(deltas, grads):
+            delta.grad = grad
+        opt.step()
+        for delta in deltas:
+            delta.grad = None
+    history.append(objective.loss(deltas))
+    before = cosine_matrix(objective.gram0)
+    after = cosine_matrix(objective.gram(deltas)[0])
+    return [d.view(tv.shape[1:]) for d, tv in zip(deltas, task_vectors)], history, before, after
+
+
+@dataclass(frozen=True)
+class AWD(Transform):
+    """Learn the redundant vector δ (Eq. 14) in ``fit``; the fitted transform stores τ_i − δ.
+
+    Attributes:
+        alpha: α, weight of ‖δ‖ (the paper tunes it over ``ALPHA_GRID``; 1e-4 is its middle).
+        steps: optimizer steps (the paper's Table 5 uses 1000).
+        lr: learning rate β. The paper does not state it; Adam moves each entry of δ by about ``lr``
+            per step, so it is in the units of the task vectors' entries (≈1e-4 for CLIP fine-tunes).
+        optimizer: ``"adam"`` (default) or ``"sgd"``, Algorithm 1's plain step δ ← δ − β∇L.
+        scope: which tensors δ covers: ``"matrices"`` (every tensor merged as a matrix: Linear
+            weights, attention in-projections, projections), ``"all"`` (every merged tensor), or a
+            sequence of globs on parameter names that narrows the matrices (the paper's "linear
+            weights in the transformer blocks" for open_clip: ``["*resblocks*"]``). Tensors outside
+            the scope keep τ_i.
+        progress: show a progress bar while learning δ.
+        inner: the transform applied to the disentangled task vectors (the identity, or e.g. TIES).
+    """
+
+    alpha: float = 1e-4
+    steps: int = 1000
+    lr: float = 1e-5
+    optimizer: str = "adam"
+    scope: str | tuple[str, ...] = "matrices"
+    progress: bool = False
+    inner: Transform = field(default_factory=Transform)
+
+    def __post_init__(self) -> None:
+        _check_options(self.alpha, self.steps, self.lr, self.optimizer)
+        if isinstance(self.scope, str):
+            if self.scope not in SCOPES:
+                raise ValueError(f"scope={self.scope!r}: expected one of {SCOPES} or a list of name patterns")
+        elif not self.scope or not all(isinstance(p, str) for p in self.scope):
+            raise ValueError(f"scope={self.scope!r}: a pattern scope must be a non-empty list of strings")
+        else:
+            object.__setattr__(self, "scope", tuple(self.scope))
+        if not isinstance(self.inner, Transform):
+            raise TypeError(f"inner must be a Transform, got {type(self.inner).__name__}")
+
+    def in_scope(self, name: str, is_matrix: bool) -> bool:
+        """Whether δ covers the tensor ``name``."""
+        if self.scope == "all":
+            return True
+        if not is_matrix:
+            return False
+        return self.scope == "matrices" or any(fnmatch.fnmatchcase(name, p) for p in self.scope)
+
+    def fit(self, source: TaskVectorSource) -> "FittedAWD":
+        """Learn δ on the task vectors in scope (Algorithm 1), then fit ``inner`` on τ_i − δ."""
+        names, task_vectors = [], []
+        for name, tv, is_matrix in source():
+            if self.in_scope(name, is_matrix):
+                names.append(name)
+                task_vectors.append(tv.detach())
+        if not names:
+            raise ValueError(f"scope={self.scope!r} selects no merged tensor")
+        deltas, history, before, after = learn_redundant_vector(
+            task_vectors, self.alpha, self.steps, self.lr, self.optimizer, self.progress
+        )
+        task_vectors.clear()
+        deltas_by_name = dict(zip(names, deltas))
+        inner = self.inner.fit(lambda: ((n, _subtract(deltas_by_name, n, tv), m) for n, tv, m in source()))
+        fitted = FittedAWD(
+            deltas=deltas_by_name, inner=inner, loss_history=tuple(history), cosine_before=before, cosine_after=after,
+            delta_norm=math.sqrt(sum(float(torch.dot(d.flatten(), d.flatten())) for d in deltas)),
+        )
+        logger.info(
+            "AWD: mean |cos| %.4f -> %.4f, ||delta|| = %.4g over %d tensors, loss %.5f -> %.5f in %d steps",
+            fitted.mean_abs_cosine_before, fitted.mean_abs_cosine_after, fitted.delta_norm, len(names),
+            history[0], history[-1], self.steps,
+        )
+        return fitted
+
+    def vectors(self, name: str, task_vectors: Tensor, is_matrix: bool) -> Tensor:
+        """Unavailable before ``fit``: δ is not learned yet."""
+        raise RuntimeError("AWD.vectors needs the redundant vector learned by AWD.fit")
+
+
+def _subtract(deltas: dict[str, Tensor], name: str, task_vectors: Tensor) -> Tensor:
+    delta = deltas.get(name)
+    if delta is None:
+        return task_vectors
+    if tuple(delta.shape) != tuple(task_vectors.shape[1:]):
+        raise ValueError(f"{name!r}: task vectors of shape {tuple(task_vectors.shape[1:])}, δ of {tuple(delta.shape)}")
+    return task_vectors - delta.to(task_vectors.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class FittedAWD(Transform):
+    """AWD after ``fit``: stores τ_i − δ (then ``inner``'s terms) and keeps the diagnostics.
+
+    Attributes:
+        deltas: δ per tensor in scope, in the parameter's layout.
+        inner: the fitted inner transform.
+        loss_history: L(δ) at δ⁰ (the original task vectors) … δᴺ.
+        cosine_before: pairwise cosine similarities of the τ_i over the scope (T × T).
+        cosine_after: the same for τ_i − δ.
+        delta_norm: ‖δ‖₂ over the scope.
+    """
+
+    deltas: dict[str, Tensor]
+    inner: Transform
+    loss_history: tuple[float, ...]
+    cosine_before: Tensor
+    cosine_after: Tensor
+    delta_norm: float
+
+    @property
+    def mean_abs_cosine_before(self) -> float:
+        """Mean |cos| over pairs i ≠ j of the original task vectors (L_O at δ = 0)."""
+        return float(_off_diagonal(self.cosine_before).abs().mean())
+
+    @property
+    def mean_abs_cosine_after(self) -> float:
+        """Mean |cos| over pairs i ≠ j of the disentangled task vectors."""
+        return float(_off_diagonal(self.cosine_after).abs().mean())
+
+    def vectors(self, name: str, task_vectors: Tensor, is_matrix: bool) -> Tensor:
+        """``inner``'s terms of τ_i − δ (τ_i where the tensor is outside the scope)."""
+        return self.inner.vectors(name, _subtract(self.deltas, name, task_vectors), is_matrix)
+
+    def factorize(self, terms: Tensor, k: int) -> Factors:
+        """``inner``'s factorisation."""
+        return self.inner.factorize(terms, k)
+
+    def plot_cosine(self, path: str | os.PathLike, task_names: Sequence[str] | None = None) -> Path:
+        """Write a PNG with the cosine heatmaps before and after AWD (as the paper's Fig. 4); returns the path."""
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError as err:  # matplotlib is the optional "plot" extra
+            raise ImportError("plot_cosine needs matplotlib: pip install 'mergemodules[plot]'") from err
+        path = Path(path)
+        T = self.cosine_before.shape[0]
+        labels = list(task_names) if task_names is not None else [f"task {t}" for t in range(T)]
+        if len(labels) != T:
+            raise ValueError(f"task_names has {len(labels)} names for {T} tasks")
+        figure = Figure(figsize=(4.5 * 2 + 1, 4.2 + 0.25 * T))
+        FigureCanvasAgg(figure)
+        limit = max(float(_off_diagonal(self.cosine_before).abs().max()), 1e-12)
+        axes = figure.subplots(1, 2)
+        panels = (("task vectors", self.cosine_before), (f"AWD (‖δ‖ = {self.delta_norm:.3g})", self.cosine_after))
+        for ax, (title, matrix) in zip(axes, panels):
+            values = matrix.detach().cpu().double().numpy()
+            image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)
+            for i in range(T):
+                for j in range(T):
+                    ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_title(f"{title}\nmean |cos| = {float(_off_diagonal(matrix).abs().mean()):.3f}")
+            ax.set_xticks(range(T), labels, rotation=90)
+            ax.set_yticks(range(T), labels)
+        figure.colorbar(image, ax=list(axes), shrink=0.8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                figure.savefig(handle, format="png", dpi=120)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return path
+
+
+def with_awd(method: "str | Method", **options: object) -> "Method":
+    """``method`` run on the disentangled task vectors: AWD first, then the method's own transform.
+
+    ``options`` are :class:`AWD` fields (``alpha``, ``steps``, ``lr``, ``scope``, ...). The method's
+    base decides what the task vectors are (θ_t − θ₀, or θ_t − θ_avg for CART).
+    """
+    from . import get_method
+
+    method = get_method(method)
+    awd = AWD(inner=method.transform, **options)
+    return dataclasses.replace(method, name=f"awd_{method.name}", transform=awd)
