@@ -12,12 +12,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .decompose import resolve_rank
+from .decompose import compute_dtype, resolve_rank
 from .layers import MergedTensor, MergedWeight, _Merged
 from .methods import Method, Transform
 from .targets import Entry
 
-__all__ = ["build_merged_tensors", "check_sources", "as_source"]
+__all__ = ["build_merged_tensors", "iter_merged_tensors", "check_sources", "as_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,25 +45,31 @@ def _lookup(source: Source, entry: Entry) -> Tensor | None:
     return None
 
 
-def check_sources(entries: Sequence[Entry], sources: Sequence[Source], model_keys: set[str]) -> None:
-    """Fail before any work on missing or extra keys, wrong shapes or non-float tensors."""
+def check_sources(
+    entries: Sequence[Entry], sources: Sequence[Source], model_keys: set[str], labels: Sequence[str] | None = None
+) -> None:
+    """Fail before any work on missing or extra keys, wrong shapes or non-float tensors.
+
+    ``labels`` name the sources in the messages (default ``finetuned[i]``); sources may hold meta tensors.
+    """
     merged = [e for e in entries if e.merged]
     for i, source in enumerate(sources):
+        label = labels[i] if labels is not None else f"finetuned[{i}]"
         missing = [e.name for e in merged if _lookup(source, e) is None]
         if missing:
-            raise KeyError(f"finetuned[{i}] is missing {len(missing)} key(s) of the pretrained model: {missing[:5]}")
+            raise KeyError(f"{label} is missing {len(missing)} key(s) of the pretrained model: {missing[:5]}")
         extra = sorted(set(source) - model_keys)
         if extra:
-            raise KeyError(f"finetuned[{i}] has {len(extra)} key(s) the pretrained model lacks: {extra[:5]}")
+            raise KeyError(f"{label} has {len(extra)} key(s) the pretrained model lacks: {extra[:5]}")
         for entry in merged:
             tensor = _lookup(source, entry)
             if tuple(tensor.shape) != entry.shape:
                 raise ValueError(
-                    f"finetuned[{i}][{entry.name!r}] has shape {tuple(tensor.shape)}, "
+                    f"{label}[{entry.name!r}] has shape {tuple(tensor.shape)}, "
                     f"the pretrained model has {entry.shape}"
                 )
             if not tensor.dtype.is_floating_point:
-                raise TypeError(f"finetuned[{i}][{entry.name!r}] has dtype {tensor.dtype}; merging needs floating point")
+                raise TypeError(f"{label}[{entry.name!r}] has dtype {tensor.dtype}; merging needs floating point")
 
 
 def _finite(tensor: Tensor, where: str) -> Tensor:
@@ -79,10 +85,11 @@ def _task_values(entry: Entry, sources: Sequence[Source]) -> list[Tensor]:
 def _base_and_task_vectors(
     entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method
 ) -> tuple[Tensor, Tensor]:
-    """B and the task vectors θ_t − B of one tensor, both float32 (B in its parameter layout)."""
+    """B and the task vectors θ_t − B of one tensor in float32 (float64 for float64 models), B in its parameter layout."""
     _finite(pretrained, f"pretrained[{entry.name!r}]")
-    values = torch.stack([v.to(device=pretrained.device, dtype=torch.float32) for v in _task_values(entry, sources)])
-    base = pretrained.float() if method.base == "pretrained" else values.mean(dim=0)
+    dtype = compute_dtype(pretrained.dtype)
+    values = torch.stack([v.to(device=pretrained.device, dtype=dtype) for v in _task_values(entry, sources)])
+    base = pretrained.to(dtype) if method.base == "pretrained" else values.mean(dim=0)
     return base, values - base
 
 
@@ -93,12 +100,14 @@ class _Coefficients:
         self.method = method
         self.shared: nn.Parameter | None = None
 
-    def __call__(self, terms: int, device: torch.device) -> nn.Parameter:
+    def __call__(self, terms: int, like: Tensor) -> nn.Parameter:
+        """λ for a tensor with ``terms`` task terms, in the compute dtype of ``like`` (float32 or float64)."""
+        options = dict(device=like.device, dtype=compute_dtype(like.dtype))
         scope, scaling = self.method.coefficients, float(self.method.scaling)
         if scope == "layer":
-            return nn.Parameter(torch.full((terms,), scaling, device=device))
+            return nn.Parameter(torch.full((terms,), scaling, **options))
         if self.shared is None:
-            init = torch.tensor(scaling, device=device) if scope == "global" else torch.full((terms,), scaling, device=device)
+            init = torch.tensor(scaling, **options) if scope == "global" else torch.full((terms,), scaling, **options)
             self.shared = nn.Parameter(init)
         if scope == "task" and self.shared.shape != (terms,):
             raise ValueError(f"task-wise λ has {self.shared.numel()} entries but a tensor has {terms} task terms")
@@ -130,13 +139,13 @@ def _build_one(
         if not with_term:
             return MergedTensor(base.to(dtype))
         deltas = transform.vectors(entry.name, task_vectors, False)
-        return MergedTensor(base.to(dtype), deltas, coefficients(deltas.shape[0], base.device))
+        return MergedTensor(base.to(dtype), deltas, coefficients(deltas.shape[0], base))
     if not with_term:
         return MergedWeight(base.to(dtype), layout=entry.layout)
     terms = transform.vectors(entry.name, task_vectors, True)
     if entry.layout == "in_out":
         terms = terms.transpose(1, 2)
-    coef = coefficients(terms.shape[0], base.device)
+    coef = coefficients(terms.shape[0], base)
     if method.matrices == "dense":
         return MergedWeight(base.to(dtype), deltas=terms, coef=coef, layout=entry.layout)
     shape = tuple(terms.shape[1:])
@@ -155,23 +164,35 @@ def build_merged_tensors(
     progress: bool = False,
 ) -> dict[str, _Merged]:
     """One merged tensor module per entry, keyed by the entry's name."""
-    with torch.no_grad():
-        return _build_all(entries, {k: v.detach() for k, v in pretrained.items()}, sources, method, progress)
+    built = iter_merged_tensors(entries, pretrained, sources, method, progress)
+    merged = {entry.name: module for entry, module in built}
+    logger.info("built %d merged tensors with %s", len(merged), method.name)
+    return merged
 
 
-def _build_all(
-    entries: Sequence[Entry], pretrained: Mapping[str, Tensor], sources: Sequence[Source], method: Method, progress: bool
-) -> dict[str, _Merged]:
+def iter_merged_tensors(
+    entries: Sequence[Entry],
+    pretrained: Mapping[str, Tensor],
+    sources: Sequence[Source],
+    method: Method,
+    progress: bool = False,
+) -> Iterator[tuple[Entry, _Merged]]:
+    """Build the merged tensor module of each entry in turn, reading ``pretrained[entry.name]`` lazily.
+
+    The method's transform is fitted first (one pass over all task vectors); then one entry at a
+    time is built, so a caller that drops each module keeps one tensor's values in memory.
+    """
 
     def task_vectors() -> Iterator[tuple[str, Tensor, bool]]:
         for entry in entries:
             if entry.merged:
-                yield entry.name, _base_and_task_vectors(entry, pretrained[entry.name], sources, method)[1], entry.is_matrix
+                values = pretrained[entry.name].detach()
+                yield entry.name, _base_and_task_vectors(entry, values, sources, method)[1], entry.is_matrix
 
-    transform = method.transform.fit(task_vectors)
+    with torch.no_grad():
+        transform = method.transform.fit(task_vectors)
     coefficients = _Coefficients(method)
-    merged = {}
     for entry in tqdm(entries, desc=f"merge ({method.name})", disable=not progress, unit="tensor"):
-        merged[entry.name] = _build_one(entry, pretrained[entry.name], sources, method, transform, coefficients)
-    logger.info("built %d merged tensors with %s", len(merged), method.name)
-    return merged
+        with torch.no_grad():
+            module = _build_one(entry, pretrained[entry.name], sources, method, transform, coefficients)
+        yield entry, module
