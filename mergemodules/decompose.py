@@ -1,6 +1,7 @@
 """Task vectors and batched truncated SVD of all tasks of one layer at once.
 
-Every decomposition runs in float32 (or float64 when asked) whatever the checkpoint dtype, wide
+Every decomposition runs in float32 (float64 for float64 inputs or when asked) whatever the
+checkpoint dtype — fp16/bf16 checkpoints are decomposed in float32 — wide
 matrices are decomposed through their transpose, and singular vectors get deterministic signs
 (the largest-magnitude entry of each left singular vector is positive).
 """
@@ -12,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Factors", "resolve_rank", "stack_task_vectors", "truncated_svd"]
+__all__ = ["Factors", "compute_dtype", "resolve_rank", "truncated_svd"]
 
 
 class Factors(NamedTuple):
@@ -46,10 +47,9 @@ def resolve_rank(rank: int | float | None, shape: tuple[int, int], name: str = "
     return rank
 
 
-def stack_task_vectors(base: Tensor, finetuned: list[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
-    """``stack([θ_t − base])`` in ``dtype``: the task vectors of one tensor, shape (T, *base.shape)."""
-    base = base.to(dtype)
-    return torch.stack([t.to(dtype) - base for t in finetuned])
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype merging arithmetic runs in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _fix_signs(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,16 +84,17 @@ def truncated_svd(
     k: int,
     *,
     method: str = "auto",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     oversample: int = 10,
     power_iters: int = 3,
     seed: int = 0,
 ) -> Factors:
     """Top-``k`` SVD of a batch of matrices ``A`` (T, out, in), all tasks in one call.
 
-    ``method`` is ``"exact"`` (LAPACK SVD), ``"randomized"`` (Halko et al. 2011, with
-    ``power_iters`` subspace iterations; exact to float precision on matrices of rank ≤ k) or
-    ``"auto"`` (randomised when k + oversample is at most a quarter of min(out, in)).
+    The decomposition runs in ``dtype`` (default: :func:`compute_dtype` of ``A``). ``method`` is
+    ``"exact"`` (LAPACK SVD), ``"randomized"`` (Halko et al. 2011, with ``power_iters`` subspace
+    iterations; exact to float precision on matrices of rank ≤ k) or ``"auto"`` (randomised when
+    k + oversample is at most a quarter of min(out, in)).
     """
     if A.dim() != 3:
         raise ValueError(f"A must have shape (T, out, in), got {tuple(A.shape)}")
@@ -102,6 +103,7 @@ def truncated_svd(
         raise ValueError(f"k={k} must lie in [0, min(out, in)={min(m, n)}]")
     if method not in ("auto", "exact", "randomized"):
         raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
+    dtype = dtype or compute_dtype(A.dtype)
     if k == 0:
         return Factors(A.new_zeros(T, m, 0, dtype=dtype), A.new_zeros(T, 0, dtype=dtype), A.new_zeros(T, n, 0, dtype=dtype))
     A = A.to(dtype)
