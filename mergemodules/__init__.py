@@ -3,11 +3,15 @@ from .decompose import Factors, resolve_rank, truncated_svd
 from .layers import MergedLinear, MergedTensor, MergedWeight, straight_through_mask, weight_cache
 from .methods import METHODS, Method, Transform, UnknownMethodError, get_method, register_method
 from .surgery import MergedModel, merge
+from .masks import hard_masks, mask_summary, plot_masks
+from .tta import Task, adapt, entropy, evaluate
 
 __all__ = [
     "Factors", "resolve_rank", "truncated_svd",
     "MergedLinear", "MergedTensor", "MergedWeight", "straight_through_mask", "weight_cache",
     "METHODS", "Method", "Transform", "UnknownMethodError", "get_method", "register_method",
     "MergedModel", "merge",
+    "hard_masks", "mask_summary", "plot_masks",
+    "Task", "adapt", "entropy", "evaluate",
 ]
 __version__ = "0.1.0"

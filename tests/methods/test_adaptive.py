@@ -1,0 +1,170 @@
+"""The adaptive method settings: AdaMerging (task-/layer-wise), CART++, TA+AdaRank, CART+AdaRank."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mergemodules as mm
+from helpers import assert_close_to_scale
+from mergemodules.layers import MergedTensor, MergedWeight
+from tta_setup import D_IN, learnables, models, tasks, total_entropy
+
+ADAPTIVE = ["adamerging_taskwise", "adamerging_layerwise", "cart_pp", "adarank_ta", "adarank_cart"]
+
+
+@pytest.fixture(scope="module")
+def setting():
+    return models()
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(5, 4, D_IN, generator=torch.Generator().manual_seed(7))
+
+
+def _assert_same_tensors(a: mm.MergedModel, b: mm.MergedModel) -> None:
+    """Every merged tensor of ``a`` equals that of ``b`` bit for bit, and so do the outputs."""
+    ta, tb = a.merged_tensors(), b.merged_tensors()
+    assert ta.keys() == tb.keys()
+    with torch.no_grad():
+        for name in ta:
+            assert torch.equal(ta[name](), tb[name]()), name
+        assert torch.equal(a(_x()), b(_x()))
+
+
+# ------------------------------------------------------------------------- straight-through estimator
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    values=st.lists(st.floats(-50, 50, allow_nan=False).filter(lambda v: abs(v) > 1e-3), min_size=1, max_size=16),
+    temperature=st.sampled_from([1.0, 2.0, 5.0, 10.0]),
+)
+def test_straight_through_forward_is_hard_and_gradient_is_the_sigmoids(values, temperature):
+    logits = torch.tensor(values, requires_grad=True)
+    mask = mm.straight_through_mask(logits, temperature)
+    assert torch.equal(mask.detach(), (logits > 0).float())  # exactly 0 or 1
+    weights = torch.linspace(-1.0, 2.0, len(values))
+    (mask * weights).sum().backward()
+    s = torch.sigmoid(logits.detach() / temperature)
+    torch.testing.assert_close(logits.grad, weights * s * (1 - s) / temperature)
+
+
+def test_mask_gradient_through_the_merged_weight_is_the_straight_through_one(setting):
+    pretrained, finetuned = setting
+    merged = mm.merge(pretrained, finetuned, "adarank_ta")
+    weight = merged.merged_weights()["fc1.weight"]
+    target = torch.randn(weight.out_features, weight.in_features, generator=torch.Generator().manual_seed(3))
+    (weight() * target).sum().backward()
+    # reference: the same loss with the hard mask as a leaf, chained with d sigmoid(ℓ/T)/dℓ
+    hard = (weight.mask_logits.detach() >= 0).float().requires_grad_(True)
+    scales = (weight.lambdas().detach()[:, None] * weight.S * hard).reshape(-1)
+    U, V = weight._concatenated()
+    ((weight.base + (U * scales) @ V.t()) * target).sum().backward()
+    s = torch.sigmoid(weight.mask_logits.detach() / weight.temperature)
+    torch.testing.assert_close(weight.mask_logits.grad, hard.grad * s * (1 - s) / weight.temperature)
+
+
+# -------------------------------------------------------------------------- settings and initial state
+
+
+def test_settings_follow_the_papers():
+    ta, cart = mm.get_method("adarank_ta"), mm.get_method("adarank_cart")
+    assert (ta.base, ta.matrices, ta.rank, ta.mask_rank, ta.scaling, ta.coefficients) == ("pretrained", "svd", None, None, 0.3, "layer")
+    assert (cart.base, cart.rank, cart.mask_rank, cart.dense, cart.coefficients) == ("average", None, 0.08, False, "layer")
+    assert ta.temperature == cart.temperature == 10.0 and ta.mask_init == cart.mask_init == 0.1
+    assert mm.get_method("adamerging_taskwise").scaling == mm.get_method("adamerging_layerwise").scaling == 0.3
+    pp = mm.get_method("cart_pp")
+    assert (pp.base, pp.rank, pp.coefficients, pp.scaling) == ("average", 0.08, "layer", 1.0)
+
+
+def test_taskwise_lambda_is_one_vector_shared_by_all_tensors(setting):
+    merged = mm.merge(*setting, "adamerging_taskwise")
+    params = list(merged.parameters())
+    assert len(params) == 1 and params[0].shape == (3,) and torch.equal(params[0].detach(), torch.full((3,), 0.3))
+    coefs = {id(m.coef) for m in merged.merged_tensors().values() if m.coef is not None}
+    assert coefs == {id(params[0])}
+
+
+def test_layerwise_lambda_per_task_per_tensor_including_biases_and_norms(setting):
+    merged = mm.merge(*setting, "adamerging_layerwise")
+    tensors = merged.merged_tensors()
+    assert {"norm.weight", "norm.bias", "fc1.bias", "attn.in_proj_bias"} <= set(tensors)
+    assert len(list(merged.parameters())) == len(tensors) == len({id(m.coef) for m in tensors.values()})
+    assert all(m.coef.shape == (3,) for m in tensors.values())
+
+
+def test_cart_pp_learns_lambda_of_matrices_and_keeps_the_rest_at_the_average(setting):
+    merged = mm.merge(*setting, "cart_pp")
+    for name, m in merged.merged_tensors().items():
+        assert (m.coef is not None) == isinstance(m, MergedWeight), name
+        if isinstance(m, MergedWeight):
+            assert m.rank == math.ceil(0.08 * min(m.out_features, m.in_features))
+        else:
+            assert isinstance(m, MergedTensor) and m.deltas is None
+
+
+def test_adarank_initial_masks(setting):
+    ta = mm.merge(*setting, "adarank_ta").merged_weights()
+    cart = mm.merge(*setting, "adarank_cart").merged_weights()
+    for name, w in ta.items():
+        assert w.rank == min(w.out_features, w.in_features)
+        assert torch.equal(w.mask_logits.detach(), torch.full_like(w.mask_logits, 0.1))
+        assert torch.equal(w.masks(), torch.ones_like(w.S))
+        on = math.ceil(0.08 * w.rank)
+        logits = cart[name].mask_logits.detach()
+        assert cart[name].rank == w.rank  # CART+AdaRank stores full rank
+        assert torch.equal(logits[:, :on], torch.full_like(logits[:, :on], 0.1))
+        assert torch.equal(logits[:, on:], torch.full_like(logits[:, on:], -0.1))
+
+
+@pytest.mark.parametrize("adaptive, static, options", [
+    ("adamerging_taskwise", "task_arithmetic", {}),
+    ("adamerging_layerwise", "task_arithmetic", {}),
+    ("cart_pp", "cart", {}),
+    ("adarank_ta", "task_vector_svd", {"rank": None}),
+    ("adarank_cart", "cart", {}),
+])
+def test_initial_state_equals_the_static_method_exactly(setting, adaptive, static, options):
+    _assert_same_tensors(mm.merge(*setting, adaptive), mm.merge(*setting, static, **options))
+
+
+def test_adarank_cart_at_a_stored_rank_equals_cart_at_that_rank(setting):
+    _assert_same_tensors(mm.merge(*setting, "adarank_cart", rank=0.25, mask_rank=0.25), mm.merge(*setting, "cart", rank=0.25))
+
+
+def test_adarank_ta_starts_at_dense_task_arithmetic_up_to_rounding(setting):
+    adarank, ta = mm.merge(*setting, "adarank_ta"), mm.merge(*setting, "task_arithmetic")
+    with torch.no_grad():
+        assert_close_to_scale(adarank(_x()), ta(_x()), 1e-5)
+        for name, w in adarank.merged_weights().items():
+            assert_close_to_scale(w(), ta.merged_tensors()[name](), 1e-5)
+
+
+# ------------------------------------------------------------------------------------ adaptation
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_short_adaptation_lowers_entropy_changes_learnables_and_fuses(setting, method):
+    merged = mm.merge(*setting, method)
+    task_set = tasks()
+    before, start = total_entropy(merged, task_set), learnables(merged)
+    history = mm.adapt(merged, task_set, steps=15, lr=0.02, seed=0)
+    after, end = total_entropy(merged, task_set), learnables(merged)
+    assert after < before - 0.05, (before, after)
+    assert history[-1]["loss"] < history[0]["loss"]
+    coefs = [k for k in end if k.endswith("coef")]
+    assert coefs and all(not torch.equal(start[k], end[k]) for k in coefs)
+    masks = [k for k in end if k.endswith("mask_logits")]
+    assert bool(masks) == method.startswith("adarank")
+    if masks:
+        assert all(not torch.equal(start[k], end[k]) for k in masks)
+        flipped = sum(int(((start[k] >= 0) != (end[k] >= 0)).sum()) for k in masks)
+        assert flipped > 0  # some hard masks changed
+    plain = merged.fuse()
+    assert not any(isinstance(m, (MergedWeight, MergedTensor)) for m in plain.modules())
+    with torch.no_grad():
+        assert_close_to_scale(plain(_x()), merged(_x()), 1e-5)
