@@ -17,7 +17,7 @@ from .layers import MergedTensor, MergedWeight, _Merged
 from .methods import Method, Transform
 from .targets import Entry
 
-__all__ = ["build_merged_tensors", "iter_merged_tensors", "check_sources", "as_source"]
+__all__ = ["build_merged_tensors", "fit_transform", "iter_merged_tensors", "check_sources", "as_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,26 +162,19 @@ def build_merged_tensors(
     sources: Sequence[Source],
     method: Method,
     progress: bool = False,
+    transform: Transform | None = None,
 ) -> dict[str, _Merged]:
-    """One merged tensor module per entry, keyed by the entry's name."""
-    built = iter_merged_tensors(entries, pretrained, sources, method, progress)
+    """One merged tensor module per entry, keyed by the entry's name (``transform``: as in iter_merged_tensors)."""
+    built = iter_merged_tensors(entries, pretrained, sources, method, progress, transform)
     merged = {entry.name: module for entry, module in built}
     logger.info("built %d merged tensors with %s", len(merged), method.name)
     return merged
 
 
-def iter_merged_tensors(
-    entries: Sequence[Entry],
-    pretrained: Mapping[str, Tensor],
-    sources: Sequence[Source],
-    method: Method,
-    progress: bool = False,
-) -> Iterator[tuple[Entry, _Merged]]:
-    """Build the merged tensor module of each entry in turn, reading ``pretrained[entry.name]`` lazily.
-
-    The method's transform is fitted first (one pass over all task vectors); then one entry at a
-    time is built, so a caller that drops each module keeps one tensor's values in memory.
-    """
+def fit_transform(
+    entries: Sequence[Entry], pretrained: Mapping[str, Tensor], sources: Sequence[Source], method: Method
+) -> Transform:
+    """The method's transform fitted on the task vectors (relative to the method's base) of every merged entry."""
 
     def task_vectors() -> Iterator[tuple[str, Tensor, bool]]:
         for entry in entries:
@@ -190,7 +183,25 @@ def iter_merged_tensors(
                 yield entry.name, _base_and_task_vectors(entry, values, sources, method)[1], entry.is_matrix
 
     with torch.no_grad():
-        transform = method.transform.fit(task_vectors)
+        return method.transform.fit(task_vectors)
+
+
+def iter_merged_tensors(
+    entries: Sequence[Entry],
+    pretrained: Mapping[str, Tensor],
+    sources: Sequence[Source],
+    method: Method,
+    progress: bool = False,
+    transform: Transform | None = None,
+) -> Iterator[tuple[Entry, _Merged]]:
+    """Build the merged tensor module of each entry in turn, reading ``pretrained[entry.name]`` lazily.
+
+    The method's transform is fitted first (one pass over all task vectors) unless an already fitted
+    ``transform`` is given; then one entry at a time is built, so a caller that drops each module
+    keeps one tensor's values in memory.
+    """
+    if transform is None:
+        transform = fit_transform(entries, pretrained, sources, method)
     coefficients = _Coefficients(method)
     for entry in tqdm(entries, desc=f"merge ({method.name})", disable=not progress, unit="tensor"):
         with torch.no_grad():

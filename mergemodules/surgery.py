@@ -14,9 +14,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .build import as_source, build_merged_tensors, check_sources
+from .build import as_source, build_merged_tensors, check_sources, fit_transform
 from .layers import MergedLinear, MergedTensor, MergedWeight, _Merged, weight_cache
-from .methods import Method, get_method
+from .methods import Method, Transform, get_method
 from .targets import Entry, Patterns, plan
 
 __all__ = ["MergedModel", "merge", "install"]
@@ -78,13 +78,18 @@ class MergedModel(nn.Module):
 
     ``parameters()`` are exactly the learnables (λ and the mask logits ℓ); ``fuse()`` returns a
     plain model of the original class and state-dict keys with the current merged values.
+    ``transform`` is the method's fitted transform (AWD's δ and diagnostics, TIES's thresholds), if known.
     """
 
-    def __init__(self, model: nn.Module, method: Method, num_tasks: int, merged: Mapping[str, _Merged]) -> None:
+    def __init__(
+        self, model: nn.Module, method: Method, num_tasks: int, merged: Mapping[str, _Merged],
+        transform: Transform | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.method = method
         self.num_tasks = num_tasks
+        self.transform = transform
         self.__dict__["_merged"] = dict(merged)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -170,6 +175,7 @@ def merge(
     entries = plan(pretrained, targets, exclude, matrices)
     check_sources(entries, sources, set(pretrained.state_dict()))
     params = dict(pretrained.named_parameters(remove_duplicate=False))
-    merged = build_merged_tensors(entries, params, sources, method, progress=progress)
+    transform = fit_transform(entries, params, sources, method)
+    merged = build_merged_tensors(entries, params, sources, method, progress=progress, transform=transform)
     model = copy.deepcopy(pretrained, memo={id(p): p for p in params.values()})
-    return MergedModel(install(model, entries, merged), method, len(sources), merged)
+    return MergedModel(install(model, entries, merged), method, len(sources), merged, transform)

@@ -97,8 +97,9 @@ class _Objective:
         gram, squared = self.gram(deltas)
         return float(_orthogonality(gram) + self.alpha * squared.sqrt())
 
-    def loss_and_gradient(self, deltas: Sequence[Tensor]) -> tuple[float, list[Tensor]]:
-        """L(δ) and ∂L/∂δ per block; at δ = 0 the minimum-norm subgradient of α‖δ‖ (0 if α ≥ ‖∇L_O‖)."""
+    def loss_and_gradient(self, deltas: Sequence[Tensor], grads: Sequence[Tensor]) -> float:
+        """L(δ); writes ∂L/∂δ per block into ``grads`` (at δ = 0 the minimum-norm subgradient of α‖δ‖,
+        which is 0 when α ≥ ‖∇L_O‖)."""
         gram, squared = self.gram(deltas)
         with torch.enable_grad():
             gram = gram.detach().requires_grad_(True)
@@ -106,18 +107,16 @@ class _Objective:
             (A,) = torch.autograd.grad(orthogonality, gram)
         c = (A + A.T).sum(dim=1)
         norm = float(squared.sqrt())
-        grads = []
-        for block, delta in zip(self.blocks, deltas):
-            grad = torch.addmv(delta, block.T, c.to(block.dtype), beta=float(c.sum()), alpha=-1.0)
+        for block, delta, grad in zip(self.blocks, deltas, grads):
+            torch.addmv(delta, block.T, c.to(block.dtype), beta=float(c.sum()), alpha=-1.0, out=grad)
             if norm > 0:
                 grad.add_(delta, alpha=self.alpha / norm)
-            grads.append(grad)
         if norm == 0:
             grad_norm = math.sqrt(sum(float(torch.dot(g, g)) for g in grads))
             shrink = max(0.0, 1.0 - self.alpha / grad_norm) if grad_norm > 0 else 0.0
             for grad in grads:
                 grad.mul_(shrink)
-        return float(orthogonality.detach()) + self.alpha * norm, grads
+        return float(orthogonality.detach()) + self.alpha * norm
 
 
 def _blocks(task_vectors: Sequence[Tensor]) -> list[Tensor]:
@@ -141,7 +140,8 @@ def awd_loss(task_vectors: Sequence[Tensor], deltas: Sequence[Tensor], alpha: fl
 def awd_gradient(task_vectors: Sequence[Tensor], deltas: Sequence[Tensor], alpha: float) -> list[Tensor]:
     """∂L/∂δ of Eq. 14, one tensor per δ_l, computed by streaming sums (see the module docstring)."""
     blocks = _blocks(task_vectors)
-    _, grads = _Objective(blocks, alpha).loss_and_gradient([d.reshape(-1) for d in deltas])
+    grads = [torch.empty_like(block[0]) for block in blocks]
+    _Objective(blocks, alpha).loss_and_gradient([d.reshape(-1) for d in deltas], grads)
     return [g.view_as(d) for g, d in zip(grads, deltas)]
 
 
@@ -182,21 +182,22 @@ def learn_redundant_vector(
     blocks = _blocks(task_vectors)
     objective = _Objective(blocks, alpha)
     deltas = [torch.zeros_like(block[0]) for block in blocks]
-    opt = torch.optim.Adam(deltas, lr=lr) if optimizer == "adam" else torch.optim.SGD(deltas, lr=lr)
+    for delta in deltas:  # written in place every step
+        delta.grad = torch.empty_like(delta)
+    # foreach=False: one tensor at a time, so the update needs no temporaries the size of all of δ
+    opt = torch.optim.Adam(deltas, lr=lr, foreach=False) if optimizer == "adam" else torch.optim.SGD(deltas, lr=lr, foreach=False)
     history = []
     bar = tqdm(range(steps), desc="AWD δ", disable=not progress, unit="step")
     for _ in bar:
-        loss, grads = objective.loss_and_gradient(deltas)
+        loss = objective.loss_and_gradient(deltas, [delta.grad for delta in deltas])
         if not math.isfinite(loss):
             raise RuntimeError(f"AWD loss became {loss} after {len(history)} steps (lr={lr!r} too large?)")
         history.append(loss)
         bar.set_postfix(loss=f"{loss:.5f}", refresh=False)
-        for delta, grad in zip(deltas, grads):
-            delta.grad = grad
         opt.step()
-        for delta in deltas:
-            delta.grad = None
     history.append(objective.loss(deltas))
+    for delta in deltas:
+        delta.grad = None
     before = cosine_matrix(objective.gram0)
     after = cosine_matrix(objective.gram(deltas)[0])
     return [d.view(tv.shape[1:]) for d, tv in zip(deltas, task_vectors)], history, before, after
