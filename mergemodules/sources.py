@@ -1,0 +1,363 @@
+"""Model sources and checkpoint files: build an architecture, read weights lazily, write them streaming.
+
+Architectures come from a timm or open_clip model name (built with pretrained weights off), a
+local Hugging Face folder, or a Python callable ``module:function`` / ``file.py:function``.
+Checkpoints are safetensors files (read lazily through a memory map, one tensor per lookup),
+PyTorch files (``torch.load(weights_only=True)``, memory-mapped) or Hugging Face folders.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import pickle
+import struct
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from .io import atomic_write
+
+__all__ = [
+    "MODEL_KINDS", "build_model", "load_callable", "SafetensorsCheckpoint", "open_checkpoint",
+    "shapes_of", "hf_weight_files", "write_safetensors",
+]
+
+logger = logging.getLogger(__name__)
+
+MODEL_KINDS = ("timm", "open_clip", "hf", "callable")
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+
+
+# ------------------------------------------------------------------------------------ architectures
+
+
+def load_callable(spec: str, base_dir: str | os.PathLike | None = None) -> Callable[..., Any]:
+    """The function named by ``"package.module:function"`` or ``"path/to/file.py:function"``."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"callable {spec!r}: expected 'module:function' or 'file.py:function'")
+    if module_name.endswith(".py"):
+        path = Path(base_dir or ".") / module_name
+        if not path.is_file():
+            raise FileNotFoundError(f"callable {spec!r}: file {str(path)!r} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"_mergemodules_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ImportError(f"callable {spec!r}: cannot import {module_name!r}: {err}") from err
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise AttributeError(f"callable {spec!r}: {module_name!r} has no function {attr!r}")
+    return function
+
+
+def _hf_class(folder: Path) -> tuple[Any, Any]:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    return config, cls if cls is not None else transformers.AutoModel
+
+
+def _build(kind: str, name: str, kwargs: Mapping[str, Any], meta: bool, base_dir: Path | None) -> nn.Module:
+    if kind == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"timm has no model called {name!r}")
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if kind == "open_clip":
+        import open_clip
+
+        if name not in open_clip.list_models():
+            raise ValueError(f"open_clip has no model called {name!r}")
+        return open_clip.create_model(name, pretrained=None, device="meta" if meta else "cpu", **kwargs)
+    if kind == "hf":
+        folder = Path(base_dir or ".") / name
+        config, cls = _hf_class(folder)
+        if meta:  # shapes only: the weights are read from the folder's files
+            return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
+    if kind == "callable":
+        return load_callable(name, base_dir)(**kwargs)
+    raise ValueError(f"model kind {kind!r}: expected one of {MODEL_KINDS}")
+
+
+def build_model(
+    kind: str,
+    name: str,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    submodule: str | None = None,
+    meta: bool = False,
+    base_dir: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Build an architecture without downloading anything.
+
+    ``kind`` is ``"timm"``/``"open_clip"`` (random init, pretrained weights off), ``"hf"`` (a local
+    folder: ``from_pretrained``, so it holds the folder's weights) or ``"callable"``
+    (``module:function`` called with ``kwargs``). ``meta=True`` builds on the meta device (shapes
+    only, no memory); ``submodule`` picks a part, e.g. ``"visual"`` of an open_clip model.
+    """
+    kwargs = dict(kwargs or {})
+    base_dir = Path(base_dir) if base_dir is not None else None
+    if meta:
+        with torch.device("meta"):
+            try:
+                model = _build(kind, name, kwargs, True, base_dir)
+            except (NotImplementedError, RuntimeError) as err:
+                if kind != "callable":
+                    raise
+                logger.debug("building %s on the meta device failed (%s); building it for real", name, err)
+                model = None
+        if model is None:
+            model = _build(kind, name, kwargs, False, base_dir)
+    else:
+        model = _build(kind, name, kwargs, False, base_dir)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {name!r} ({kind}) built a {type(model).__name__}, not an nn.Module")
+    if submodule:
+        try:
+            model = model.get_submodule(submodule)
+        except AttributeError:
+            raise AttributeError(f"model {name!r} has no submodule {submodule!r}") from None
+    return model
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+class SafetensorsCheckpoint(Mapping[str, Tensor]):
+    """One or more safetensors files as a lazy name → tensor mapping (one tensor read per lookup).
+
+    Files are memory-mapped; nothing is read until a tensor is looked up. Floating tensors are
+    cast to ``dtype`` when given; every tensor is moved to ``device``.
+    """
+
+    def __init__(
+        self, paths: str | os.PathLike | Iterable[str | os.PathLike], dtype: torch.dtype | None = None, device: str = "cpu"
+    ) -> None:
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        self.paths = [Path(p) for p in paths]
+        self.dtype, self.device = dtype, device
+        self._files: dict[str, Path] = {}
+        self._header: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for path in self.paths:
+            for key, (shape, dtype_) in read_safetensors_header(path).items():
+                if key in self._files:
+                    raise ValueError(f"{str(path)!r}: tensor {key!r} also appears in {str(self._files[key])!r}")
+                self._files[key] = path
+                self._header[key] = (shape, dtype_)
+        self._handles: dict[Path, Any] = {}
+
+    def __getitem__(self, key: str) -> Tensor:
+        path = self._files[key]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        return _convert(self._handles[path].get_tensor(key), self.dtype, self.device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._files
+
+    def meta(self) -> dict[str, Tensor]:
+        """The same mapping with meta tensors of the stored shapes and (converted) dtypes, read from the headers."""
+        return {
+            key: torch.empty(shape, dtype=_target_dtype(dtype, self.dtype), device="meta")
+            for key, (shape, dtype) in self._header.items()
+        }
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name → (shape, dtype) of every tensor in a safetensors file, from its header alone."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > os.path.getsize(path):
+                raise ValueError("header length exceeds the file size")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        return {key: (tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]]) for key, info in header.items()}
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from err
+
+
+def _target_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and stored.is_floating_point else stored
+
+
+def _convert(tensor: Tensor, dtype: torch.dtype | None, device: str) -> Tensor:
+    return tensor.to(device=device, dtype=_target_dtype(tensor.dtype, dtype))
+
+
+class _Converted(Mapping[str, Tensor]):
+    """A mapping whose floating tensors are cast to ``dtype`` and moved to ``device`` on lookup."""
+
+    def __init__(self, state: Mapping[str, Tensor], dtype: torch.dtype | None, device: str) -> None:
+        self.state, self.dtype, self.device = state, dtype, device
+
+    def __getitem__(self, key: str) -> Tensor:
+        return _convert(self.state[key], self.dtype, self.device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    def meta(self) -> dict[str, Tensor]:
+        """Meta tensors of the (converted) shapes and dtypes."""
+        return {k: torch.empty(v.shape, dtype=_target_dtype(v.dtype, self.dtype), device="meta") for k, v in self.state.items()}
+
+
+def _torch_load(path: Path, key: str | None) -> dict[str, Tensor]:
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "zip" not in str(err).lower():
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        first = next((line for line in lines if "global" in line.lower()), lines[0] if lines else type(err).__name__)
+        raise ValueError(
+            f"{str(path)!r}: refusing to load: it is not a plain tensor file that torch.load(weights_only=True) "
+            f"accepts (unsafe pickle?): {first}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable PyTorch file: {err}") from err
+    if key is not None:
+        if not isinstance(state, Mapping) or key not in state:
+            raise KeyError(f"{str(path)!r} has no entry {key!r}")
+        state = state[key]
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        keys = list(state)[:5] if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(
+            f"{str(path)!r} does not hold a name → tensor state dict (found {keys}); "
+            "name the entry that holds it with 'key:'"
+        )
+    return dict(state)
+
+
+def hf_weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a Hugging Face model folder (safetensors preferred, sharded or not)."""
+    folder = Path(folder)
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [folder / name for name in dict.fromkeys(weight_map.values())]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise FileNotFoundError(f"{str(folder)!r} holds no model.safetensors or pytorch_model.bin (sharded or not)")
+
+
+def open_checkpoint(
+    path: str | os.PathLike, *, key: str | None = None, dtype: torch.dtype | None = None, device: str = "cpu"
+) -> Mapping[str, Tensor]:
+    """A checkpoint as a name → tensor mapping: a safetensors file (lazy), a PyTorch file or a Hugging Face folder.
+
+    ``key`` names the entry of a PyTorch file that holds the state dict (e.g. ``"state_dict"``).
+    Floating tensors are cast to ``dtype`` when given. Unsafe pickles are refused.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = hf_weight_files(path)
+        if files[0].suffix == ".safetensors":
+            return SafetensorsCheckpoint(files, dtype, device)
+        state: dict[str, Tensor] = {}
+        for file in files:
+            state.update(_torch_load(file, None))
+        return _Converted(state, dtype, device)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        if key is not None:
+            raise ValueError(f"{str(path)!r}: 'key' applies to PyTorch files only")
+        return SafetensorsCheckpoint(path, dtype, device)
+    return _Converted(_torch_load(path, key), dtype, device)
+
+
+def shapes_of(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """A view of ``state`` whose tensors need not be read: meta tensors for lazy checkpoints."""
+    meta = getattr(state, "meta", None)
+    return meta() if callable(meta) else state
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    tensors: Iterable[tuple[str, Tensor]],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a safetensors file tensor by tensor, as ``tensors`` yields them (any order).
+
+    ``layout`` (name → shape, dtype) fixes the header up front, so no more than one tensor is held
+    here at a time. Every name must arrive exactly once with its declared shape and dtype; the file
+    is written atomically and left absent on any error.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offsets, position = {}, 0
+    for name, (shape, dtype) in layout.items():
+        size = (torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [position, position + size]}
+        offsets[name] = position
+        position += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    start = 8 + len(encoded)
+
+    def write(tmp: str) -> None:
+        written: set[str] = set()
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            f.truncate(start + position)
+            for name, tensor in tensors:
+                if name not in layout:
+                    raise KeyError(f"{str(path)!r}: tensor {name!r} is not in the declared layout")
+                if name in written:
+                    raise KeyError(f"{str(path)!r}: tensor {name!r} written twice")
+                shape, dtype = layout[name]
+                if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise ValueError(
+                        f"{str(path)!r}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                        f"declared {tuple(shape)} {dtype}"
+                    )
+                f.seek(start + offsets[name])
+                f.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                written.add(name)
+        missing = [name for name in layout if name not in written]
+        if missing:
+            raise KeyError(f"{str(path)!r}: {len(missing)} tensor(s) never written: {missing[:5]}")
+
+    return atomic_write(path, write)

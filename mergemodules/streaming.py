@@ -1,0 +1,135 @@
+"""Static export without a merged model: build, evaluate and drop one merged tensor at a time.
+
+``merge(...).fuse()`` holds the whole merged model (B plus dense task vectors or factors: up to
+T model sizes). For a static export only the fused tensors are needed, so ``fuse_streaming``
+builds each tensor's merged module with the same builder (``build.iter_merged_tensors``),
+evaluates it, hands out the fused tensor and drops the module. With lazy checkpoints
+(:class:`~mergemodules.sources.SafetensorsCheckpoint`) and :func:`save_fused_streaming`, peak
+memory is about one tensor's values of all tasks plus its factors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .build import as_source, check_sources, iter_merged_tensors
+from .methods import Method, get_method
+from .sources import shapes_of, write_safetensors
+from .targets import Entry, Patterns, plan
+
+__all__ = ["fuse_streaming", "merge_to_state_dict", "save_fused_streaming"]
+
+
+class _EntryValues(Mapping[str, Tensor]):
+    """Entry name → its pretrained tensor, read lazily under whichever of the entry's names ``weights`` holds."""
+
+    def __init__(self, weights: Mapping[str, Tensor], entries: Sequence[Entry]) -> None:
+        self.weights = weights
+        self.keys_ = {e.name: next(n for n in e.names if n in weights) for e in entries}
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.weights[self.keys_[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+def _check_weights(entries: Sequence[Entry], weights: Mapping[str, Tensor], model: nn.Module) -> list[str]:
+    """Check ``weights`` against the architecture; returns the buffer keys (state-dict keys that are no parameter)."""
+    as_merged = [dataclasses.replace(e, merged=True) for e in entries]
+    shapes = shapes_of(weights)
+    model_keys = set(model.state_dict())
+    check_sources(as_merged, [shapes], model_keys, labels=["the pretrained weights"])
+    parameter_names = {n for e in entries for n in e.names}
+    buffers = [k for k in model.state_dict() if k not in parameter_names]
+    missing = [k for k in buffers if k not in shapes]
+    if missing:
+        raise KeyError(f"the pretrained weights are missing {len(missing)} buffer(s) of the model: {missing[:5]}")
+    state = model.state_dict()
+    for key in buffers:
+        if tuple(shapes[key].shape) != tuple(state[key].shape):
+            raise ValueError(f"the pretrained weights' buffer {key!r} has shape {tuple(shapes[key].shape)}, "
+                             f"the model has {tuple(state[key].shape)}")
+    return buffers
+
+
+def fuse_streaming(
+    pretrained: nn.Module,
+    finetuned: Sequence[nn.Module | Mapping[str, Tensor]],
+    method: str | Method = "task_arithmetic",
+    *,
+    weights: Mapping[str, Tensor] | None = None,
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    matrices: Mapping[str, str] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> Iterator[tuple[tuple[str, ...], Tensor]]:
+    """Yield ``(state-dict names, fused tensor)`` one tensor at a time: the values of ``merge(...).fuse()``.
+
+    Same arguments as :func:`mergemodules.merge`. ``pretrained`` gives the architecture and, unless
+    ``weights`` (a name → tensor mapping, e.g. a lazy safetensors checkpoint) is given, the
+    pretrained values; with ``weights`` it may live on the meta device. Tied tensors come once
+    with all their names; buffers come last, at their pretrained values. λ and masks are the
+    method's initial values, so this is the static merge.
+    """
+    method = get_method(method, **options)
+    if not isinstance(finetuned, Sequence) or isinstance(finetuned, (str, bytes)) or len(finetuned) == 0:
+        raise ValueError("finetuned: need a non-empty list of fine-tuned models or state dicts")
+    sources = [as_source(item, i, pretrained) for i, item in enumerate(finetuned)]
+    weights = pretrained.state_dict() if weights is None else weights
+    entries = plan(pretrained, targets, exclude, matrices)
+    buffers = _check_weights(entries, weights, pretrained)
+    check_sources(entries, [shapes_of(s) for s in sources], set(pretrained.state_dict()))
+    return _fused(entries, _EntryValues(weights, entries), weights, buffers, sources, method, progress)
+
+
+def _fused(
+    entries: Sequence[Entry], values: Mapping[str, Tensor], weights: Mapping[str, Tensor], buffers: Sequence[str],
+    sources: Sequence[Mapping[str, Tensor]], method: Method, progress: bool,
+) -> Iterator[tuple[tuple[str, ...], Tensor]]:
+    for entry, module in iter_merged_tensors(entries, values, sources, method, progress):
+        with torch.no_grad():
+            fused = module().detach().contiguous()
+        del module
+        yield entry.names, fused
+    for key in buffers:
+        yield (key,), weights[key]
+
+
+def merge_to_state_dict(
+    pretrained: nn.Module, finetuned: Sequence[nn.Module | Mapping[str, Tensor]], method: str | Method = "task_arithmetic",
+    **kwargs: Any,
+) -> dict[str, Tensor]:
+    """The fused state dict (``merge(...).fuse().state_dict()``) built tensor by tensor; see :func:`fuse_streaming`."""
+    fused = {name: tensor for names, tensor in fuse_streaming(pretrained, finetuned, method, **kwargs) for name in names}
+    return {key: fused[key] for key in pretrained.state_dict()}
+
+
+def save_fused_streaming(
+    path: str | os.PathLike,
+    pretrained: nn.Module,
+    finetuned: Sequence[nn.Module | Mapping[str, Tensor]],
+    method: str | Method = "task_arithmetic",
+    *,
+    weights: Mapping[str, Tensor] | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Write the static merge to a safetensors file tensor by tensor, under the keys ``weights`` holds.
+
+    With ``weights`` a checkpoint of the pretrained model, the output has exactly its keys (tied
+    tensors stored as it stores them), shapes and dtypes; without, the model's state-dict keys.
+    """
+    weights = pretrained.state_dict() if weights is None else weights
+    layout = {key: (tuple(t.shape), t.dtype) for key, t in shapes_of(weights).items()}
+    tensors = fuse_streaming(pretrained, finetuned, method, weights=weights, **kwargs)
+    items = ((name, tensor) for names, tensor in tensors for name in names if name in layout)
+    return write_safetensors(path, layout, items)
