@@ -1,6 +1,7 @@
 """The registry of merging methods, each a declarative :class:`Method` (DESIGN.md, table of methods)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .awd import AWD
@@ -50,7 +51,8 @@ register_method(Method("awd_adamerging", coefficients="layer", scaling=0.3, tran
 def get_method(method: str | Method, **options: Any) -> Method:
     """The registered method called ``method`` (or ``method`` itself) with ``options`` applied.
 
-    Options that are fields of the method's transform (e.g. TIES's ``density``) go to the transform.
+    Options that are fields of the method's transform (e.g. TIES's ``density``) go to the transform;
+    its other fields keep their values (e.g. the ``inner`` transform of a composed AWD).
     """
     if isinstance(method, str):
         if method not in METHODS:
@@ -61,5 +63,5 @@ def get_method(method: str | Method, **options: Any) -> Method:
     transform_fields = set(getattr(method.transform, "__dataclass_fields__", {})) - {"thresholds"}
     transform_options = {k: options.pop(k) for k in list(options) if k in transform_fields}
     if transform_options:
-        options["transform"] = type(method.transform)(**transform_options)
+        options["transform"] = dataclasses.replace(method.transform, **transform_options)
     return method.with_options(**options) if options else method

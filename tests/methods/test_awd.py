@@ -287,9 +287,10 @@ def test_awd_cart_learns_delta_on_vectors_centred_at_the_average(models) -> None
 
 def test_with_awd_fits_the_inner_transform_on_the_disentangled_vectors(models) -> None:
     model, finetuned = models
-    method = with_awd("ties", **AWD_OPTIONS)
+    method = with_awd("ties", steps=1)
     assert method.name == "awd_ties" and isinstance(method.transform.inner, Ties)
-    fitted = merge(model, finetuned, method).transform
+    fitted = merge(model, finetuned, method, **AWD_OPTIONS).transform  # AWD options given later keep the inner TIES
+    assert len(fitted.loss_history) == AWD_OPTIONS["steps"] + 1
     tvs = task_vectors_of(model, finetuned)
     disentangled = {n: tv - fitted.deltas[n] if n in fitted.deltas else tv for n, tv in tvs.items()}
     ties = Ties().fit(lambda: ((n, tv, n in MATRICES) for n, tv in disentangled.items()))
