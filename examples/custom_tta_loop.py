@@ -36,7 +36,10 @@ for t in range(NUM_TASKS):  # pretend fine-tuning: a low-rank update of every ma
     model = copy.deepcopy(pretrained)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.3 * (torch.randn(p.shape[0], 2) @ torch.randn(2, p.shape[1])) / 2 if p.dim() == 2 else 0.05 * torch.randn_like(p))
+            if p.dim() == 2:
+                p.add_(0.15 * torch.randn(p.shape[0], 2) @ torch.randn(2, p.shape[1]))
+            else:
+                p.add_(0.05 * torch.randn_like(p))
     finetuned.append(model)
 heads = [nn.Linear(DIM, CLASSES).requires_grad_(False) for _ in range(NUM_TASKS)]
 unlabeled = [torch.randn(64, 6, 8) + t for t in range(NUM_TASKS)]  # each task's test inputs
@@ -48,7 +51,8 @@ print(f"learnables: {sum(p.numel() for p in merged.parameters())} numbers in {le
 optimizer = torch.optim.AdamW(merged.parameters(), lr=5e-3, weight_decay=0.0)  # any optimizer works
 for step in range(1, 41):
     batch = torch.randint(0, 64, (16,))
-    loss = sum(mm.entropy(head(merged(x[batch]))) for head, x in zip(heads, unlabeled))
+    with mm.weight_cache():  # optional: evaluate each merged weight once for all tasks of the step
+        loss = sum(mm.entropy(head(merged(x[batch]))) for head, x in zip(heads, unlabeled))
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

@@ -94,7 +94,8 @@ def plot_masks(
     colors = ListedColormap(["#f2d13a", "#2a62b8"])  # pruned yellow, kept blue (Figure 5)
     for ax, (layer, m) in zip(fig.subplots(len(masks), 1, squeeze=False)[:, 0], masks.items()):
         shown = max(1, round(fraction * m.shape[1]))
-        ax.imshow(m[:, :shown].numpy().astype(float), cmap=colors, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        image = m[:, :shown].numpy().astype(float)
+        ax.imshow(image, cmap=colors, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
         ax.set_title(f"{layer} (kept {int(m.sum())}/{m.numel()})", fontsize=9)
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_xlabel("singular component index", fontsize=8)

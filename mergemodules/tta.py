@@ -26,10 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+try:
+    import numpy as np
+except ImportError:  # NumPy is optional; without it there is no NumPy generator to manage
+    np = None
 
 from .io import atomic_write
 from .layers import weight_cache
@@ -110,7 +114,11 @@ def _labelled(batch: Any, name: str) -> tuple[Any, Tensor]:
 
 
 def _logits(
-    head: Callable[[Any], Tensor], merged: nn.Module, inputs: Any, name: str, shapes: dict[str, tuple[int, int]] | None = None
+    head: Callable[[Any], Tensor],
+    merged: nn.Module,
+    inputs: Any,
+    name: str,
+    shapes: dict[str, tuple[int, int]] | None = None,
 ) -> Tensor:
     """``head(merged(inputs))``, checked to be logits (batch, ..., classes) of the same rank and classes every call."""
     logits = head(_call(merged, inputs))
@@ -118,7 +126,8 @@ def _logits(
         desc = f"shape {tuple(logits.shape)} {logits.dtype}" if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"tasks[{name!r}].head must return floating-point logits (batch, ..., classes), got {desc}")
     if logits.shape[-1] < 2:
-        raise ValueError(f"tasks[{name!r}].head returned logits with {logits.shape[-1]} class; entropy needs at least 2")
+        raise ValueError(f"tasks[{name!r}].head returned logits with {logits.shape[-1]} class; "
+                         "entropy needs at least 2")
     if shapes is not None:
         shape = shapes.setdefault(name, (logits.dim(), logits.shape[-1]))
         if shape != (logits.dim(), logits.shape[-1]):
@@ -137,22 +146,25 @@ def _derived_seed(*parts: object) -> int:
 
 
 def _seeded_state(seed: int) -> dict[str, Any]:
-    """Global-RNG states (torch CPU, ``random``, NumPy) as ``manual_seed(seed)`` would leave them."""
-    return {
-        "torch": torch.Generator().manual_seed(seed).get_state(),
-        "random": random.Random(seed).getstate(),
-        "numpy": np.random.RandomState(seed % 2**32).get_state(),
-    }
+    """Global-RNG states (torch CPU, ``random``, NumPy) as seeding each with ``seed`` would leave them."""
+    state = {"torch": torch.Generator().manual_seed(seed).get_state(), "random": random.Random(seed).getstate()}
+    if np is not None:
+        state["numpy"] = np.random.RandomState(seed % 2**32).get_state()
+    return state
 
 
 def _current_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "random": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "random": random.getstate()}
+    if np is not None:
+        state["numpy"] = np.random.get_state()
+    return state
 
 
 def _set_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
+    if np is not None:
+        np.random.set_state(state["numpy"])
 
 
 @contextlib.contextmanager
@@ -230,7 +242,9 @@ class _Stream:
             try:
                 batch = self._fetch()
             except StopIteration:
-                raise ValueError(f"tasks[{self.name!r}]: the data loader yielded no batch in pass {self.epoch}") from None
+                raise ValueError(
+                    f"tasks[{self.name!r}]: the data loader yielded no batch in pass {self.epoch}"
+                ) from None
         self.position += 1
         return batch
 
@@ -267,24 +281,33 @@ def _check_numbers(steps: int, lr: float, eval_every: int | None, checkpoint_eve
 
 
 @torch.no_grad()
-def evaluate(merged: nn.Module, heads: Mapping[str, Callable[[Any], Tensor]], data: Mapping[str, Iterable[Any]]) -> dict[str, float]:
+def evaluate(
+    merged: nn.Module, heads: Mapping[str, Callable[[Any], Tensor]], data: Mapping[str, Iterable[Any]]
+) -> dict[str, float]:
     """Top-1 accuracy of every task's head on its labelled batches ``(inputs, labels)``."""
     unknown = sorted(set(data) - set(heads))
     if unknown:
         raise KeyError(f"eval_data: no task (head) called {unknown}; tasks: {sorted(heads)}")
     device = _device(merged)
     accuracy = {}
-    for name, batches in data.items():
-        correct = total = 0
-        for batch in batches:
-            inputs, labels = _labelled(_to_device(batch, device), name)
-            logits = _logits(heads[name], merged, inputs, name)
-            correct += int((logits.argmax(-1) == labels).sum())
-            total += labels.numel()
-        if total == 0:
-            raise ValueError(f"eval_data[{name!r}]: the data loader yielded no batch")
-        accuracy[name] = correct / total
+    with weight_cache():  # the weights do not change during evaluation: compute each once
+        for name, batches in data.items():
+            accuracy[name] = _accuracy(merged, heads[name], batches, name, device)
     return accuracy
+
+
+def _accuracy(
+    merged: nn.Module, head: Callable[[Any], Tensor], batches: Iterable[Any], name: str, device: torch.device
+) -> float:
+    correct = total = 0
+    for batch in batches:
+        inputs, labels = _labelled(_to_device(batch, device), name)
+        logits = _logits(head, merged, inputs, name)
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += labels.numel()
+    if total == 0:
+        raise ValueError(f"eval_data[{name!r}]: the data loader yielded no batch")
+    return correct / total
 
 
 def _device(merged: nn.Module) -> torch.device:
@@ -296,7 +319,9 @@ def _device(merged: nn.Module) -> torch.device:
 # -------------------------------------------------------------------------------------- checkpoint
 
 
-def _load_checkpoint(path: Path, *, seed: int, lr: float, names: list[str], params: Mapping[str, Tensor]) -> dict[str, Any]:
+def _load_checkpoint(
+    path: Path, *, seed: int, lr: float, names: list[str], params: Mapping[str, Tensor]
+) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no file {str(path)!r} to resume from")
     try:
@@ -307,11 +332,41 @@ def _load_checkpoint(path: Path, *, seed: int, lr: float, names: list[str], para
         raise ValueError(f"checkpoint: {str(path)!r} is not a mergemodules adaptation checkpoint")
     for key, value in (("seed", seed), ("lr", lr), ("tasks", names)):
         if state[key] != value:
-            raise ValueError(f"checkpoint: {str(path)!r} was written with {key}={state[key]!r}, this call has {key}={value!r}")
+            raise ValueError(
+                f"checkpoint: {str(path)!r} was written with {key}={state[key]!r}, this call has {key}={value!r}"
+            )
     saved = {k: tuple(v.shape) for k, v in state["params"].items()}
     if saved != {k: tuple(v.shape) for k, v in params.items()}:
         raise ValueError(f"checkpoint: {str(path)!r} holds the learnables of another merged model")
     return state
+
+
+def _resumable_state(
+    named: Mapping[str, Tensor], optimizer: torch.optim.Optimizer, streams: Mapping[str, _Stream], cuda: list[int]
+) -> dict[str, Any]:
+    """What an exact resume needs: λ and ℓ, the optimizer, the data positions and the random state."""
+    return {
+        "params": {k: v.detach().cpu().clone() for k, v in named.items()},
+        "optimizer": optimizer.state_dict(),
+        "streams": {name: s.state() for name, s in streams.items()},
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(cuda[0]) if cuda else None},
+    }
+
+
+def _restore(
+    state: Mapping[str, Any], named: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,
+    streams: Mapping[str, _Stream], cuda: list[int],
+) -> None:
+    """Put back what :func:`_resumable_state` saved."""
+    with torch.no_grad():
+        for key, value in state["params"].items():
+            named[key].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    for name, position in state["streams"].items():
+        streams[name].restore(position)
+    torch.set_rng_state(state["rng"]["torch"])
+    if cuda and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device=cuda[0])
 
 
 # ------------------------------------------------------------------------------------------ adapt
@@ -389,15 +444,7 @@ def adapt(
             state = _load_checkpoint(path, seed=seed, lr=lr, names=names, params=named)
             if state["step"] > steps:
                 raise ValueError(f"steps={steps} but the checkpoint {str(path)!r} is already at step {state['step']}")
-            with torch.no_grad():
-                for key, value in state["params"].items():
-                    named[key].copy_(value)
-            optimizer.load_state_dict(state["optimizer"])
-            for name, position in state["streams"].items():
-                streams[name].restore(position)
-            torch.set_rng_state(state["rng"]["torch"])
-            if cuda and state["rng"]["cuda"] is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], device=cuda[0])
+            _restore(state, named, optimizer, streams, cuda)
             history, start = state["history"], state["step"]
             logger.info("resumed adaptation from %s at step %d", path, start)
         else:
@@ -408,28 +455,25 @@ def adapt(
                 history.append({"step": 0, "accuracy": _evaluate_isolated(merged, heads, eval_data, seed, 0)})
 
         def save(step: int) -> None:
-            state = {
-                "format": CHECKPOINT_FORMAT, "step": step, "seed": seed, "lr": lr, "tasks": names,
-                "params": {k: v.detach().cpu().clone() for k, v in named.items()},
-                "optimizer": optimizer.state_dict(),
-                "streams": {name: s.state() for name, s in streams.items()},
-                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(cuda[0]) if cuda else None},
-                "history": history,
-            }
+            state = {"format": CHECKPOINT_FORMAT, "step": step, "seed": seed, "lr": lr, "tasks": names}
+            state["history"] = history
+            state.update(_resumable_state(named, optimizer, streams, cuda))
             atomic_write(path, lambda tmp: torch.save(state, tmp))
             logger.debug("saved adaptation checkpoint %s at step %d", path, step)
 
+        logger.info("adapting %d learnables on %d tasks, steps %d to %d",
+                    sum(p.numel() for p in trainable), len(tasks), start + 1, steps)
         bar = tqdm(total=steps, initial=start, desc="adapt", unit="step", disable=not progress)
         with bar:
             for step in range(start + 1, steps + 1):
                 record = _step(merged, tasks, streams, shapes, trainable, optimizer, device, step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if eval_data is not None and (step == steps or (eval_every is not None and step % eval_every == 0)):
+                if eval_data is not None and _due(step, steps, eval_every):
                     record["accuracy"] = _evaluate_isolated(merged, heads, eval_data, seed, step)
                     logger.info("step %d: loss %.4f, accuracy %s", step, record["loss"], record["accuracy"])
                 history.append(record)
-                if path is not None and (step == steps or (checkpoint_every is not None and step % checkpoint_every == 0)):
+                if path is not None and _due(step, steps, checkpoint_every):
                     save(step)
     return history
 
@@ -456,9 +500,14 @@ def _step(
             bad = sorted(name for name, v in values.items() if not math.isfinite(v))
             raise FloatingPointError(f"adapt: the loss is not finite at step {step} (tasks {bad}); "
                                      f"the model keeps λ and ℓ of step {step - 1}")
+        if not loss.requires_grad:
+            raise ValueError("adapt: the loss does not depend on merged.parameters() (does a head detach its input?)")
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
-        raise FloatingPointError(f"adapt: a gradient is not finite at step {step}; the model keeps λ and ℓ of step {step - 1}")
+    finite = [torch.isfinite(g).all() for g in grads if g is not None]
+    if finite and not bool(torch.stack(finite).all()):
+        raise FloatingPointError(
+            f"adapt: a gradient is not finite at step {step}; the model keeps λ and ℓ of step {step - 1}"
+        )
     for p, g in zip(params, grads):
         p.grad = g
     optimizer.step()
@@ -466,7 +515,14 @@ def _step(
     return {"step": step, "loss": float(loss.detach()), "entropy": values}
 
 
-def _evaluate_isolated(merged: nn.Module, heads: Mapping[str, Any], data: Mapping[str, Iterable[Any]], seed: int, step: int) -> dict[str, float]:
+def _due(step: int, last: int, every: int | None) -> bool:
+    """Whether something done every ``every`` steps and at the last step is due."""
+    return step == last or (every is not None and step % every == 0)
+
+
+def _evaluate_isolated(
+    merged: nn.Module, heads: Mapping[str, Any], data: Mapping[str, Iterable[Any]], seed: int, step: int
+) -> dict[str, float]:
     """:func:`evaluate` under its own random state, so evaluating never changes the adaptation."""
     with _global_rng(_seeded_state(_derived_seed(seed, "eval", step))):
         return evaluate(merged, heads, data)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,6 +262,25 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state():
     assert all(torch.isfinite(v).all() for v in actual.values())
 
 
+def test_nan_gradient_stops_with_the_step_and_keeps_the_last_good_state():
+    good = _merged()
+    mm.adapt(good, tasks(), steps=1, lr=0.02)
+    merged, task_set = _merged(), tasks()
+    head, calls = task_set["task0"].head, []
+
+    def poisoned(features: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            features.register_hook(lambda g: g * math.nan)
+        return head(features)
+
+    task_set["task0"].head = poisoned
+    with pytest.raises(FloatingPointError, match="gradient is not finite at step 2"):
+        mm.adapt(merged, task_set, steps=3, lr=0.02)
+    expected, actual = learnables(good), learnables(merged)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
@@ -325,6 +346,12 @@ def test_heads_must_return_logits_of_one_shape():
         mm.adapt(_merged(), task_set, steps=3)
 
 
+def test_heads_that_cut_the_graph_are_named():
+    task_set = {name: mm.Task(t.data, lambda f, h=t.head: h(f.detach())) for name, t in tasks().items()}
+    with pytest.raises(ValueError, match="does not depend on merged.parameters"):
+        mm.adapt(_merged(), task_set, steps=1)
+
+
 def test_static_merge_has_nothing_to_adapt():
     with pytest.raises(ValueError, match="no trainable parameters"):
         mm.adapt(_merged("weight_averaging"), tasks(), steps=1)
@@ -333,3 +360,11 @@ def test_static_merge_has_nothing_to_adapt():
 def test_eval_data_for_an_unknown_task_is_named():
     with pytest.raises(KeyError, match="nope"):
         mm.adapt(_merged(), tasks(), steps=1, eval_data={"nope": []})
+
+
+def test_custom_loop_example_runs_and_lowers_the_entropy(capsys):
+    runpy.run_path(str(Path(__file__).parents[1] / "examples" / "custom_tta_loop.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert "fused model reproduces the merged one: True" in out

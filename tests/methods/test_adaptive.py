@@ -73,8 +73,10 @@ def test_mask_gradient_through_the_merged_weight_is_the_straight_through_one(set
 
 def test_settings_follow_the_papers():
     ta, cart = mm.get_method("adarank_ta"), mm.get_method("adarank_cart")
-    assert (ta.base, ta.matrices, ta.rank, ta.mask_rank, ta.scaling, ta.coefficients) == ("pretrained", "svd", None, None, 0.3, "layer")
-    assert (cart.base, cart.rank, cart.mask_rank, cart.dense, cart.coefficients) == ("average", None, 0.08, False, "layer")
+    assert (ta.base, ta.matrices, ta.rank, ta.mask_rank) == ("pretrained", "svd", None, None)
+    assert (ta.scaling, ta.coefficients, ta.dense) == (0.3, "layer", True)
+    assert (cart.base, cart.rank, cart.mask_rank) == ("average", None, 0.08)
+    assert (cart.scaling, cart.coefficients, cart.dense) == (1.0, "layer", False)
     assert ta.temperature == cart.temperature == 10.0 and ta.mask_init == cart.mask_init == 0.1
     assert mm.get_method("adamerging_taskwise").scaling == mm.get_method("adamerging_layerwise").scaling == 0.3
     pp = mm.get_method("cart_pp")
@@ -133,7 +135,8 @@ def test_initial_state_equals_the_static_method_exactly(setting, adaptive, stati
 
 
 def test_adarank_cart_at_a_stored_rank_equals_cart_at_that_rank(setting):
-    _assert_same_tensors(mm.merge(*setting, "adarank_cart", rank=0.25, mask_rank=0.25), mm.merge(*setting, "cart", rank=0.25))
+    adarank = mm.merge(*setting, "adarank_cart", rank=0.25, mask_rank=0.25)
+    _assert_same_tensors(adarank, mm.merge(*setting, "cart", rank=0.25))
 
 
 def test_adarank_ta_starts_at_dense_task_arithmetic_up_to_rounding(setting):
