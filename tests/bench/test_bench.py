@@ -110,3 +110,20 @@ def test_tiny_vision_zoo_and_a_merge(tmp_path):
     assert isinstance(zoo.pretrained.vit.transformer.resblocks[0].attn, torch.nn.MultiheadAttention)
     res = T.run_row(zoo, T.Row("Task Arithmetic", "task_arithmetic", grid=(0.3, 1.0)), T.RunConfig(), {})
     assert res.status == "ok" and res.chosen["scaling"] in (0.3, 1.0)
+
+
+def test_run_suite_writes_table_section_plots_and_keeps_other_sections(text_zoo, tmp_path):
+    from mergemodules.bench.report import run_suite
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\n## Someone else's section\nkeep me\n")
+    rc = T.RunConfig(tta_steps=2, awd_steps=2, grid=(0.5,), cart_ranks=(0.2, 1.0),
+                     rows=("Pretrained", "Individual", "Task Arithmetic", "CART+AdaRank"))
+    cache = os.path.dirname(text_zoo.directory)
+    for _ in range(2):  # the second run replaces its own section
+        out = run_suite(tiny_text_config(), rc, cache_dir=cache, results_md=str(md), plots_dir=str(tmp_path / "plots"),
+                        json_dir=str(tmp_path), command="test")
+    text = md.read_text()
+    assert "keep me" in text and text.count("BEGIN -->") == 1 and "| Task Arithmetic |" in text
+    assert os.path.isfile(out["plots"]["cart_rank"]) and os.path.isfile(out["json"])
+    assert "masks_CART+AdaRank" in out["plots"]
