@@ -24,7 +24,6 @@ import fnmatch
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -185,7 +184,8 @@ def learn_redundant_vector(
     for delta in deltas:  # written in place every step
         delta.grad = torch.empty_like(delta)
     # foreach=False: one tensor at a time, so the update needs no temporaries the size of all of δ
-    opt = torch.optim.Adam(deltas, lr=lr, foreach=False) if optimizer == "adam" else torch.optim.SGD(deltas, lr=lr, foreach=False)
+    optimizer_class = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    opt = optimizer_class(deltas, lr=lr, foreach=False)
     history = []
     bar = tqdm(range(steps), desc="AWD δ", disable=not progress, unit="step")
     for _ in bar:
@@ -335,36 +335,29 @@ class FittedAWD(Transform):
             from matplotlib.figure import Figure
         except ImportError as err:  # matplotlib is the optional "plot" extra
             raise ImportError("plot_cosine needs matplotlib: pip install 'mergemodules[plot]'") from err
-        path = Path(path)
         T = self.cosine_before.shape[0]
         labels = list(task_names) if task_names is not None else [f"task {t}" for t in range(T)]
         if len(labels) != T:
             raise ValueError(f"task_names has {len(labels)} names for {T} tasks")
-        figure = Figure(figsize=(4.5 * 2 + 1, 4.2 + 0.25 * T))
+        figure = Figure(figsize=(4.5 * 2 + 1.5, 4.2 + 0.25 * T), layout="constrained")
         FigureCanvasAgg(figure)
         limit = max(float(_off_diagonal(self.cosine_before).abs().max()), 1e-12)
-        axes = figure.subplots(1, 2)
+        axes = figure.subplots(1, 2, sharey=True)
         panels = (("task vectors", self.cosine_before), (f"AWD (‖δ‖ = {self.delta_norm:.3g})", self.cosine_after))
         for ax, (title, matrix) in zip(axes, panels):
             values = matrix.detach().cpu().double().numpy()
             image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)
             for i in range(T):
                 for j in range(T):
-                    ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7)
+                    colour = "white" if abs(values[i, j]) > 0.6 * limit else "black"
+                    ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
             ax.set_title(f"{title}\nmean |cos| = {float(_off_diagonal(matrix).abs().mean()):.3f}")
             ax.set_xticks(range(T), labels, rotation=90)
-            ax.set_yticks(range(T), labels)
-        figure.colorbar(image, ax=list(axes), shrink=0.8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                figure.savefig(handle, format="png", dpi=120)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return path
+        axes[0].set_yticks(range(T), labels)
+        figure.colorbar(image, ax=list(axes), shrink=0.8, label="cosine similarity")
+        from ..io import atomic_write  # io imports the methods: import it when used
+
+        return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
 
 
 def with_awd(method: "str | Method", **options: object) -> "Method":

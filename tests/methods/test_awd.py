@@ -21,7 +21,10 @@ from mergemodules.methods.awd import (
 
 def overlapping(T: int, shapes: list[tuple[int, ...]], shared: float = 1.0, specific: float = 1.0, seed: int = 0,
                 dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """Stacked task vectors τ_i = shared·c + specific·s_i per tensor: expected cos(τ_i, τ_j) = shared² / (shared² + specific²)."""
+    """Stacked task vectors τ_i = shared·c + specific·s_i per tensor.
+
+    The expected cos(τ_i, τ_j) is shared² / (shared² + specific²).
+    """
     gen = torch.Generator().manual_seed(seed)
     out = []
     for shape in shapes:
@@ -125,7 +128,8 @@ def test_learning_reduces_loss_and_cosine_on_overlapping_task_vectors() -> None:
     assert history[-1] < 0.2 * history[0]
     after = mean_abs_cos([tv - d for tv, d in zip(tvs, deltas)])
     assert after < 0.1 < before
-    torch.testing.assert_close(cos_after[~torch.eye(4, dtype=torch.bool)].abs().mean().item(), after, rtol=1e-4, atol=1e-6)
+    learned_mean = cos_after[~torch.eye(4, dtype=torch.bool)].abs().mean().item()
+    assert learned_mean == pytest.approx(after, rel=1e-4, abs=1e-6)
     torch.testing.assert_close(cos_before.diagonal(), torch.ones(4, dtype=torch.float64))
     assert [d.shape for d in deltas] == [torch.Size([20, 10]), torch.Size([7])]
 
@@ -196,18 +200,22 @@ def finetune(model: nn.Module, seed: int, shared: float = 0.02, specific: float 
     tuned = copy.deepcopy(model)
     with torch.no_grad():
         for p in tuned.parameters():
-            p.add_(shared * torch.randn(p.shape, generator=shared_gen) + specific * torch.randn(p.shape, generator=own_gen))
+            p.add_(shared * torch.randn(p.shape, generator=shared_gen))
+            p.add_(specific * torch.randn(p.shape, generator=own_gen))
     return tuned
 
 
 def task_vectors_of(model: nn.Module, finetuned: list[nn.Module], base: str = "pretrained") -> dict[str, torch.Tensor]:
-    values = {n: torch.stack([dict(f.named_parameters())[n].detach() for f in finetuned]) for n, _ in model.named_parameters()}
+    tuned = [dict(f.named_parameters()) for f in finetuned]
+    values = {n: torch.stack([t[n].detach() for t in tuned]) for n, _ in model.named_parameters()}
     if base == "pretrained":
         return {n: v - dict(model.named_parameters())[n].detach() for n, v in values.items()}
     return {n: v - v.mean(dim=0) for n, v in values.items()}
 
 
-MATRICES = ["0.self_attn.in_proj_weight", "0.self_attn.out_proj.weight", "0.linear1.weight", "0.linear2.weight", "1.weight"]
+MATRICES = [
+    "0.self_attn.in_proj_weight", "0.self_attn.out_proj.weight", "0.linear1.weight", "0.linear2.weight", "1.weight",
+]
 
 
 @pytest.fixture(scope="module")
@@ -302,8 +310,20 @@ def test_with_awd_fits_the_inner_transform_on_the_disentangled_vectors(models) -
 def test_cosine_heatmap_png(models, tmp_path) -> None:
     model, finetuned = models
     fitted = merge(model, finetuned, "awd_ta", **AWD_OPTIONS).transform
-    path = fitted.plot_cosine(tmp_path / "plots" / "cosine.png", task_names=["a", "b", "c", "d"])
+    path = fitted.plot_cosine(tmp_path / "cosine.png", task_names=["a", "b", "c", "d"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in path.parent.iterdir()] == ["cosine.png"]  # no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == ["cosine.png"]  # no temporary file left
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fitted.plot_cosine(tmp_path / "missing" / "cosine.png")
     with pytest.raises(ValueError, match="task_names"):
         fitted.plot_cosine(tmp_path / "x.png", task_names=["a"])
+
+
+def test_awd_adarank_factorises_the_disentangled_vectors(models) -> None:
+    model, finetuned = models
+    merged = merge(model, finetuned, with_awd("adarank_ta"), **AWD_OPTIONS)
+    name = "0.linear1.weight"
+    weight = merged.merged_weights()[name]
+    assert weight.mask_logits is not None and weight.rank == 16  # full rank, all components on
+    tv = task_vectors_of(model, finetuned)[name] - merged.transform.deltas[name]
+    torch.testing.assert_close(weight(), model[0].linear1.weight + 0.3 * tv.sum(dim=0), rtol=1e-4, atol=1e-5)
