@@ -1,0 +1,397 @@
+"""The ``mergemodules`` command: merge, adapt, inspect and fuse from YAML recipes (docs/recipes.md)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from .decompose import resolve_rank
+from .io import load_merge_state, save_fused, save_merge_state
+from .methods import Method, get_method
+from .methods.ties import Ties
+from .methods.tsv import TaskSingularVectors
+from .recipe import Recipe, RecipeError, load_recipe
+from .sources import MODEL_KINDS, build_model, load_callable
+from .streaming import save_fused_streaming
+from .surgery import MergedModel, merge
+from .targets import Entry, plan
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("mergemodules.cli")
+
+EPILOG = """\
+examples:
+  mergemodules merge examples/recipe.yaml -o merged.safetensors
+  mergemodules merge recipe.yaml --check          validate the recipe and show the plan, merge nothing
+  mergemodules inspect recipe.yaml                which tensors are merged as matrices, ranks, memory
+  mergemodules inspect --model timm:vit_base_patch16_224 --method cart --tasks 8
+  mergemodules adapt recipe.yaml -o adapted.safetensors --steps 500
+  mergemodules fuse merge_state.safetensors --recipe recipe.yaml -o fused.safetensors
+
+The recipe format is documented in docs/recipes.md (full example: examples/recipe.yaml).
+"""
+
+
+class CommandError(Exception):
+    """A problem with the command line, reported without a traceback."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _progress() -> bool:
+    return logging.getLogger("mergemodules").getEffectiveLevel() <= logging.INFO
+
+
+def _is_static(method: Method) -> bool:
+    return method.coefficients == "global" and not method.masks
+
+
+def _output(recipe: Recipe | None, given: str | None) -> Path:
+    out = Path(given) if given else (recipe.output if recipe is not None else None)
+    if out is None:
+        raise CommandError("no output: pass -o OUT or set 'output' in the recipe")
+    return out
+
+
+def _check_output(out: Path, folder: bool, force: bool) -> None:
+    if not folder and out.suffix != ".safetensors":
+        raise CommandError(f"output {str(out)!r}: expected a .safetensors file")
+    if not out.parent.is_dir():
+        raise CommandError(f"output folder {str(out.parent)!r} does not exist")
+    if folder and out.exists() and not (out.is_dir() and force):
+        raise CommandError(f"output {str(out)!r} exists; pass --force to replace it")
+
+
+def write_hf_folder(out: Path, model_folder: Path, write: Callable[[Path], None], force: bool = False) -> Path:
+    """A Hugging Face folder ``from_pretrained`` loads: the model folder's config and tokenizer files plus
+    the weights ``write(folder)`` puts there; built beside ``out`` and renamed into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for item in model_folder.iterdir():
+            if item.is_file() and not item.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")) \
+                    and not item.name.endswith(".index.json"):
+                shutil.copy2(item, tmp / item.name)
+        write(tmp)
+        if out.exists() and force:
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _real_model(recipe: Recipe, entries: Sequence[Entry]) -> nn.Module:
+    """The pretrained model with its weights, in the recipe's dtype and device."""
+    model = recipe.model.build(recipe.folder)
+    if recipe.base is not None:
+        state = dict(recipe.base.open())
+        for entry in entries:  # tied tensors may be stored under one of their names only
+            present = next(n for n in entry.names if n in state)
+            state.update({n: state[present] for n in entry.names})
+        model.load_state_dict(state, strict=True)
+    if recipe.dtype is not None:
+        model = model.to(recipe.dtype)
+    return model.to(recipe.device)
+
+
+def _write_fused(recipe: Recipe | None, model_fused: nn.Module, out: Path, force: bool) -> None:
+    if recipe is not None and recipe.is_hf:
+        write_hf_folder(out, recipe.folder / recipe.model.name, model_fused.save_pretrained, force)
+    else:
+        save_fused(model_fused, out)
+    logger.info("wrote %s", out)
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    """Static merge of a recipe, layer by layer from lazily read checkpoints, straight to a fused file."""
+    recipe, model, entries = load_recipe(args.recipe)
+    if not _is_static(recipe.method):
+        raise recipe.error(("method",), f"{recipe.method.name!r} learns its coefficients/masks by test-time "
+                                        "adaptation: use 'mergemodules adapt' (or a static method)")
+    _report_plan(recipe, entries)
+    if args.check:
+        logger.info("recipe OK; nothing merged (--check)")
+        return
+    out = _output(recipe, args.output)
+    _check_output(out, recipe.is_hf, args.force)
+    base = recipe.base_checkpoint().open(recipe.dtype, recipe.device)
+    tasks = [task.open(recipe.dtype, recipe.device) for task in recipe.tasks]
+
+    def write(path: Path) -> None:
+        save_fused_streaming(path, model, tasks, recipe.method, weights=base, progress=_progress(),
+                             **recipe.merge_options())
+
+    if recipe.is_hf:
+        write_hf_folder(out, recipe.folder / recipe.model.name, lambda folder: write(folder / "model.safetensors"),
+                        args.force)
+    else:
+        write(out)
+    logger.info("wrote %s", out)
+
+
+def _tasks(recipe: Recipe, data: str | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    from .tta import Task
+
+    spec = recipe.adapt
+    where = data or (spec.data if spec else None)
+    if where is None:
+        raise recipe.error(("adapt",), "missing: 'adapt: {data: module:function}' (or pass --data)")
+    built = load_callable(where, recipe.folder)(**(spec.kwargs if spec else {}))
+    if not isinstance(built, Mapping) or not built:
+        raise CommandError(f"--data {where}: must return a non-empty mapping {{task name: Task}}, got {type(built).__name__}")
+    tasks = {name: t if isinstance(t, Task) else Task(*t) for name, t in built.items()}
+    eval_data = load_callable(spec.eval, recipe.folder)(**spec.kwargs) if spec and spec.eval else None
+    return tasks, eval_data
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    """Merge with an adaptive method, adapt λ/ℓ by entropy minimisation, write the fused model."""
+    from .tta import adapt
+
+    recipe, _, entries = load_recipe(args.recipe)
+    out = _output(recipe, args.output)
+    _check_output(out, recipe.is_hf, args.force)
+    tasks, eval_data = _tasks(recipe, args.data)
+    spec = recipe.adapt
+    model = _real_model(recipe, entries)
+    sources = [task.open(recipe.dtype, recipe.device) for task in recipe.tasks]
+    merged = merge(model, sources, recipe.method, progress=_progress(), **recipe.merge_options())
+    history = adapt(
+        merged, tasks, steps=args.steps or (spec.steps if spec else 100), lr=spec.lr if spec else 1e-3,
+        seed=spec.seed if spec else 0, eval_data=eval_data, eval_every=spec.eval_every if spec else None,
+        checkpoint=spec.checkpoint if spec else None, checkpoint_every=spec.checkpoint_every if spec else None,
+        resume=args.resume, progress=_progress(),
+    )
+    if history:
+        logger.info("adapted %d steps; final loss %.4f", history[-1]["step"], history[-1]["loss"])
+    merge_state = Path(args.merge_state) if args.merge_state else (spec.merge_state if spec else None)
+    if merge_state is not None:
+        save_merge_state(merged, merge_state)
+        logger.info("wrote merge state %s", merge_state)
+    _write_fused(recipe, merged.fuse(), out, args.force)
+
+
+def _model_from_spec(spec: str, meta: bool) -> nn.Module:
+    kind, sep, name = spec.partition(":")
+    if not sep or kind not in MODEL_KINDS:
+        raise CommandError(f"--model {spec!r}: expected KIND:NAME with KIND one of {list(MODEL_KINDS)}")
+    return build_model(kind, name, meta=meta)
+
+
+def cmd_fuse(args: argparse.Namespace) -> None:
+    """Rebuild a merged model from a merge state and write its fused weights."""
+    out = Path(args.output)
+    recipe, entries = None, None
+    if args.recipe:
+        recipe, _, entries = load_recipe(args.recipe)
+        model = _real_model(recipe, entries)
+    elif args.model:
+        model = _model_from_spec(args.model, meta=False)
+    else:
+        raise CommandError("fuse needs the architecture: --recipe RECIPE or --model KIND:NAME")
+    _check_output(out, recipe is not None and recipe.is_hf, args.force)
+    merged = load_merge_state(model, args.merge_state)
+    _write_fused(recipe, merged.fuse(), out, args.force)
+
+
+def _stored(method: Method, T: int, shape: tuple[int, ...]) -> tuple[int, int | None]:
+    """(stored task terms, components kept per term; None for dense) of a matrix under ``method``."""
+    terms = 1 if isinstance(method.transform, Ties) else T
+    if method.matrices != "svd":
+        return terms, None
+    k = resolve_rank(method.rank, shape[-2:])
+    return terms, max(1, k // T) if isinstance(method.transform, TaskSingularVectors) else k
+
+
+def memory_plan(entries: Sequence[Entry], method: Method, T: int, bytes_per: int) -> list[dict[str, Any]]:
+    """Per tensor: how ``method`` merges it, the rank it keeps and the bytes the merged model holds."""
+    rows = []
+    for e in entries:
+        numel = int(torch.Size(e.shape).numel())
+        kind, rank, extra = "kept", "", 0
+        if e.merged and e.is_matrix and method.matrices != "none":
+            terms, k = _stored(method, T, e.shape)
+            kind, rank = ("matrix, low-rank", str(k)) if k is not None else ("matrix, dense", "full")
+            extra = terms * (numel if k is None else k * (sum(e.shape) + 1))
+        elif e.merged and e.is_matrix:
+            kind = "matrix, base only"
+        elif e.merged and method.dense:
+            terms, _ = _stored(method, T, (1, 1))
+            kind, extra = "dense", terms * numel
+        elif e.merged:
+            kind = "base only"
+        rows.append({"name": e.name, "shape": e.shape, "merged": kind, "rank": rank,
+                     "bytes": (numel + extra) * bytes_per, "numel": numel})
+    return rows
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _print_plan(rows: list[dict[str, Any]], method: Method, T: int, bytes_per: int, show_all: bool) -> None:
+    matrices = [r for r in rows if r["merged"].startswith("matrix")]
+    total = sum(r["numel"] for r in rows)
+    print(f"method {method.name}: base={method.base}, matrices={method.matrices}, rank={method.rank}, "
+          f"coefficients={method.coefficients}, masks={method.masks}; T={T} tasks")
+    shown = rows if show_all else matrices
+    width = max([len(r["name"]) for r in shown] + [6])
+    print(f"{'tensor':<{width}}  {'shape':<14} {'merged as':<18} {'rank':>6} {'memory':>12}")
+    for r in shown:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{r['name']:<{width}}  {shape:<14} {r['merged']:<18} {r['rank']:>6} {_mib(r['bytes']):>12}")
+    if not show_all:
+        print(f"({len(rows) - len(matrices)} non-matrix tensors not shown; --all lists them)")
+    matrix_numel = sum(r["numel"] for r in matrices)
+    largest = max(r["numel"] for r in rows)
+    print(f"{len(matrices)} of {len(rows)} tensors merged as matrices ({matrix_numel / max(total, 1):.0%} of "
+          f"{total:,} weights)")
+    print(f"plain (fused) model: {_mib(total * bytes_per)}")
+    print(f"merged model held by merge() (B plus stored task terms): {_mib(sum(r['bytes'] for r in rows))}")
+    print(f"streaming static export (mergemodules merge): about {_mib((T + 2) * largest * 4)} working memory "
+          f"(T + 2 float32 copies of the largest tensor) plus its factors")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    """Print which tensors are merged as matrices, their shapes, the kept ranks and the memory needed."""
+    if args.recipe:
+        recipe, _, entries = load_recipe(args.recipe)
+        method = get_method(recipe.method, **_options(args.option)) if args.option else recipe.method
+        if args.method:
+            method = get_method(args.method, **_options(args.option))
+        T = args.tasks or len(recipe.tasks)
+        dtype = recipe.dtype or torch.float32
+    elif args.model:
+        model = _model_from_spec(args.model, meta=True)
+        entries = plan(model)
+        method = get_method(args.method or "task_arithmetic", **_options(args.option))
+        T = args.tasks or 8
+        dtype = next(model.parameters()).dtype
+    else:
+        raise CommandError("inspect needs a RECIPE or --model KIND:NAME")
+    bytes_per = torch.empty((), dtype=dtype).element_size()
+    rows = memory_plan(entries, method, T, bytes_per)
+    _print_plan(rows, method, T, bytes_per, args.all)
+
+
+def _options(pairs: Sequence[str] | None) -> dict[str, Any]:
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise CommandError(f"--option {pair!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def _report_plan(recipe: Recipe, entries: Sequence[Entry]) -> None:
+    merged = [e for e in entries if e.merged]
+    logger.info("%s: %d tensors (%d merged, %d as matrices), %d tasks, method %s", recipe.path, len(entries),
+                len(merged), sum(e.is_matrix for e in merged), len(recipe.tasks), recipe.method.name)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``mergemodules`` command."""
+    parser = argparse.ArgumentParser(
+        prog="mergemodules", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Merge fine-tuned checkpoints of one pretrained model (Task Arithmetic, TIES, TSV-M, CART, "
+                    "AdaMerging, AdaRank, AWD) from a YAML recipe; adapt, inspect and fuse.",
+    )
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("merge", help="static merge of a recipe into a fused safetensors file (or HF folder)",
+                       description="Merge the recipe's checkpoints with a static method, layer by layer from "
+                                   "memory-mapped files, and write the fused weights under the base checkpoint's keys.")
+    p.add_argument("recipe", help="YAML recipe (docs/recipes.md)")
+    p.add_argument("-o", "--output", help="output .safetensors file (HF models: a folder); default: the recipe's 'output'")
+    p.add_argument("--check", action="store_true", help="validate the recipe and report the plan; merge nothing")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("adapt", help="merge with an adaptive method and adapt λ/ℓ by entropy minimisation",
+                       description="Test-time adaptation (AdaMerging, CART++, AdaRank): the recipe's 'adapt.data' "
+                                   "callable returns {task name: Task(unlabeled data, head)}.")
+    p.add_argument("recipe", help="YAML recipe with an 'adapt' section")
+    p.add_argument("-o", "--output", help="fused output; default: the recipe's 'output'")
+    p.add_argument("--data", help="override adapt.data: 'module:function' or 'file.py:function'")
+    p.add_argument("--steps", type=int, help="override adapt.steps")
+    p.add_argument("--resume", action="store_true", help="continue from adapt.checkpoint")
+    p.add_argument("--merge-state", help="also save the adapted merge state (factors, λ, ℓ) here")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("inspect", help="show which tensors are merged as matrices, their ranks and memory",
+                       description="Print the merge plan of a recipe's model (or of --model): tensors merged as "
+                                   "matrices, shapes, ranks a method keeps, memory of the merged model.")
+    p.add_argument("recipe", nargs="?", help="YAML recipe (or use --model)")
+    p.add_argument("--model", help="KIND:NAME, e.g. timm:vit_base_patch16_224, open_clip:ViT-B-32, hf:path/to/folder")
+    p.add_argument("--method", help="method to plan for (default: the recipe's, else task_arithmetic)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. rank=0.08 (repeatable)")
+    p.add_argument("--tasks", type=int, help="number of tasks T (default: the recipe's, else 8)")
+    p.add_argument("--all", action="store_true", help="list every tensor, not only the matrices")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("fuse", help="write the fused weights of a saved merge state",
+                       description="Rebuild a merged model from a merge state (save_merge_state) on the recipe's "
+                                   "architecture and write its fused weights.")
+    p.add_argument("merge_state", help="merge state file (.safetensors)")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file (HF models: a folder)")
+    p.add_argument("--recipe", help="recipe naming the architecture (and base weights for buffers)")
+    p.add_argument("--model", help="KIND:NAME of the architecture instead of a recipe")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_fuse)
+    return parser
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    package = logging.getLogger("mergemodules")
+    package.setLevel(level)
+    if not any(getattr(h, "_mergemodules_cli", False) for h in package.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._mergemodules_cli = True  # type: ignore[attr-defined]
+        package.addHandler(handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad recipe or arguments, 1 other errors)."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        args.func(args)
+    except (RecipeError, CommandError) as err:
+        print(f"mergemodules {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
+        if args.verbose:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"mergemodules {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""YAML merge recipes (docs/recipes.md): parsed and validated before any heavy work.
+
+Every error names the recipe file, the line and the key (``recipe.yaml:7: tasks[1]: ...``).
+:func:`load_recipe` checks the YAML, the keys and their types, the method and its options, that
+every file exists, and builds the architecture on the meta device to check every checkpoint's
+keys and shapes from its header (safetensors) or a memory-mapped ``weights_only`` load (PyTorch
+files, which refuses unsafe pickles) — all without reading or merging any weights.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from .build import check_sources
+from .methods import Method, get_method
+from .sources import MODEL_KINDS, build_model, open_checkpoint, shapes_of
+from .streaming import _check_weights
+from .targets import Entry, plan
+
+__all__ = ["Recipe", "ModelSpec", "CheckpointSpec", "AdaptSpec", "RecipeError", "load_recipe", "parse_recipe", "DTYPES"]
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+    "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
+}
+KEYS = ("model", "base", "tasks", "method", "options", "targets", "exclude", "matrices", "dtype", "device",
+        "output", "adapt")
+MODEL_KEYS = (*MODEL_KINDS, "kwargs", "submodule")
+CHECKPOINT_KEYS = ("path", "key")
+ADAPT_KEYS = ("data", "kwargs", "eval", "steps", "lr", "seed", "eval_every", "checkpoint", "checkpoint_every",
+              "merge_state")
+
+KeyPath = tuple[Any, ...]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file, line and key."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture: ``kind`` (timm, open_clip, hf, callable), its name and constructor kwargs."""
+
+    kind: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    submodule: str | None = None
+
+    def build(self, base_dir: Path, meta: bool = False) -> nn.Module:
+        """Build it (random init, or the folder's weights for ``hf``); ``meta`` for shapes only."""
+        return build_model(self.kind, self.name, self.kwargs, submodule=self.submodule, meta=meta, base_dir=base_dir)
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """A checkpoint file or Hugging Face folder; ``key`` selects the state dict inside a PyTorch file."""
+
+    path: Path
+    key: str | None = None
+    where: str = ""  # "recipe.yaml:7: tasks[1]" for messages
+
+    def open(self, dtype: torch.dtype | None = None, device: str = "cpu") -> Mapping[str, Tensor]:
+        """The lazy name → tensor mapping of the checkpoint."""
+        return open_checkpoint(self.path, key=self.key, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class AdaptSpec:
+    """Test-time adaptation settings (``mergemodules adapt``)."""
+
+    data: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    eval: str | None = None
+    steps: int = 100
+    lr: float = 1e-3
+    seed: int = 0
+    eval_every: int | None = None
+    checkpoint: Path | None = None
+    checkpoint_every: int | None = None
+    merge_state: Path | None = None
+
+
+@dataclass
+class Recipe:
+    """A validated recipe; paths are resolved against the recipe's folder."""
+
+    path: Path
+    model: ModelSpec
+    base: CheckpointSpec | None
+    tasks: list[CheckpointSpec]
+    method: Method
+    targets: str | list[str] | None = None
+    exclude: str | list[str] | None = None
+    matrices: dict[str, str] | None = None
+    dtype: torch.dtype | None = None
+    device: str = "cpu"
+    output: Path | None = None
+    adapt: AdaptSpec | None = None
+    lines: dict[KeyPath, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def folder(self) -> Path:
+        """The folder relative paths are resolved against."""
+        return self.path.parent
+
+    @property
+    def is_hf(self) -> bool:
+        """Whether the model is a Hugging Face folder (output is then a folder ``from_pretrained`` loads)."""
+        return self.model.kind == "hf"
+
+    def base_checkpoint(self) -> CheckpointSpec:
+        """The pretrained weights: ``base``, or the Hugging Face model folder itself."""
+        return self.base if self.base is not None else CheckpointSpec(self.folder / self.model.name, None, "model.hf")
+
+    def error(self, key: KeyPath, message: str) -> RecipeError:
+        """A RecipeError pointing at ``key``."""
+        return RecipeError(_located(self.path, self.lines, key, message))
+
+    def merge_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``merge``/``fuse_streaming`` besides the sources and the method."""
+        return {"targets": self.targets, "exclude": self.exclude, "matrices": self.matrices}
+
+
+def _dotted(key: KeyPath) -> str:
+    out = ""
+    for part in key:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _located(path: Path, lines: Mapping[KeyPath, int], key: KeyPath, message: str) -> str:
+    for depth in range(len(key), -1, -1):
+        if key[:depth] in lines:
+            return f"{path}:{lines[key[:depth]]}: {_dotted(key)}: {message}"
+    return f"{path}: {_dotted(key)}: {message}"
+
+
+def _read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
+    """The document and the line of every key (1-based), via the node marks; duplicate keys are errors."""
+    text = path.read_text()
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = None if node is None else loader.construct_document(node)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: invalid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: invalid YAML: {err}") from None
+    finally:
+        loader.dispose()
+    lines: dict[KeyPath, int] = {}
+
+    def walk(node: yaml.Node, key: KeyPath) -> None:
+        lines.setdefault(key, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, value in node.value:
+                name = key_node.value
+                if name in seen:
+                    raise RecipeError(f"{path}:{key_node.start_mark.line + 1}: {_dotted(key + (name,))}: duplicate key")
+                seen.add(name)
+                lines[key + (name,)] = key_node.start_mark.line + 1
+                walk(value, key + (name,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, key + (i,))
+
+    if node is not None:
+        walk(node, ())
+    return data, lines
+
+
+class _Parser:
+    """Turns the YAML document into a :class:`Recipe`, raising :class:`RecipeError` at the first problem."""
+
+    def __init__(self, path: Path, lines: dict[KeyPath, int]) -> None:
+        self.path, self.lines = path, lines
+
+    def error(self, key: KeyPath, message: str) -> RecipeError:
+        return RecipeError(_located(self.path, self.lines, key, message))
+
+    def mapping(self, value: Any, key: KeyPath, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a mapping with keys from {list(allowed)}, got {type(value).__name__}")
+        for name in value:
+            if name not in allowed:
+                close = difflib.get_close_matches(str(name), allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.error(key + (name,), f"unknown key{hint}; valid keys: {list(allowed)}")
+        return value
+
+    def typed(self, value: Any, key: KeyPath, types: type | tuple[type, ...], what: str) -> Any:
+        types = types if isinstance(types, tuple) else (types,)
+        if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
+            raise self.error(key, f"expected {what}, got {value!r}")
+        return value
+
+    def file(self, value: Any, key: KeyPath, folder_ok: bool = False) -> Path:
+        self.typed(value, key, str, "a path")
+        path = self.path.parent / Path(os.path.expanduser(value))
+        if not (path.is_file() or folder_ok and path.is_dir()):
+            raise self.error(key, f"{'file or folder' if folder_ok else 'file'} {str(path)!r} does not exist")
+        return path
+
+    def model(self, value: Any) -> ModelSpec:
+        spec = self.mapping(value, ("model",), MODEL_KEYS)
+        kinds = [k for k in MODEL_KINDS if k in spec]
+        if len(kinds) != 1:
+            raise self.error(("model",), f"give exactly one of {list(MODEL_KINDS)}, got {kinds or 'none'}")
+        kind = kinds[0]
+        name = self.typed(spec[kind], ("model", kind), str, "a name")
+        if kind == "hf":
+            folder = self.file(name, ("model", kind), folder_ok=True)
+            if not (folder / "config.json").is_file():
+                raise self.error(("model", kind), f"{str(folder)!r} is not a Hugging Face model folder (no config.json)")
+        kwargs = self.typed(spec.get("kwargs") or {}, ("model", "kwargs"), dict, "a mapping of constructor arguments")
+        submodule = spec.get("submodule")
+        if submodule is not None:
+            self.typed(submodule, ("model", "submodule"), str, "a submodule name such as 'visual'")
+        return ModelSpec(kind, name, dict(kwargs), submodule)
+
+    def checkpoint(self, value: Any, key: KeyPath) -> CheckpointSpec:
+        if isinstance(value, dict):
+            spec = self.mapping(value, key, CHECKPOINT_KEYS)
+            if "path" not in spec:
+                raise self.error(key, "a checkpoint mapping needs 'path'")
+            path = self.file(spec["path"], key + ("path",), folder_ok=True)
+            entry = spec.get("key")
+            if entry is not None:
+                self.typed(entry, key + ("key",), str, "the name of the entry holding the state dict")
+            return CheckpointSpec(path, entry, _located(self.path, self.lines, key, "").rstrip(": "))
+        path = self.file(value, key, folder_ok=True)
+        return CheckpointSpec(path, None, _located(self.path, self.lines, key, "").rstrip(": "))
+
+    def patterns(self, value: Any, key: KeyPath) -> str | list[str] | None:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise self.error(key, f"expected a regex string or a list of name patterns, got {value!r}")
+
+    def method(self, doc: dict[str, Any]) -> Method:
+        if "method" not in doc:
+            raise self.error(("method",), "missing: name a method, e.g. 'task_arithmetic'")
+        name = self.typed(doc["method"], ("method",), str, "a method name")
+        options = self.typed(doc.get("options") or {}, ("options",), dict, "a mapping of method options")
+        try:
+            return get_method(name, **options)
+        except KeyError as err:  # UnknownMethodError
+            raise self.error(("method",), str(err.args[0])) from None
+        except (TypeError, ValueError) as err:
+            raise self.error(("options",), str(err)) from None
+
+    def adapt(self, value: Any) -> AdaptSpec | None:
+        if value is None:
+            return None
+        spec = self.mapping(value, ("adapt",), ADAPT_KEYS)
+        if "data" not in spec:
+            raise self.error(("adapt",), "missing 'data': a callable 'module:function' returning {task: Task}")
+        kw: dict[str, Any] = {"data": self.typed(spec["data"], ("adapt", "data"), str, "'module:function'")}
+        kw["kwargs"] = dict(self.typed(spec.get("kwargs") or {}, ("adapt", "kwargs"), dict, "a mapping"))
+        if spec.get("eval") is not None:
+            kw["eval"] = self.typed(spec["eval"], ("adapt", "eval"), str, "'module:function'")
+        for name in ("steps", "seed", "eval_every", "checkpoint_every"):
+            if spec.get(name) is not None:
+                kw[name] = self.typed(spec[name], ("adapt", name), int, "an integer")
+        if spec.get("lr") is not None:
+            kw["lr"] = float(self.typed(spec["lr"], ("adapt", "lr"), (int, float), "a number"))
+        for name in ("checkpoint", "merge_state"):
+            if spec.get(name) is not None:
+                kw[name] = self.path.parent / self.typed(spec[name], ("adapt", name), str, "a path")
+        return AdaptSpec(**kw)
+
+    def recipe(self, doc: Any) -> Recipe:
+        doc = self.mapping(doc, (), KEYS)
+        if "model" not in doc:
+            raise self.error(("model",), "missing: the architecture, e.g. 'model: {timm: vit_base_patch16_224}'")
+        model = self.model(doc["model"])
+        base = None if doc.get("base") is None else self.checkpoint(doc["base"], ("base",))
+        if base is None and model.kind != "hf":
+            raise self.error(("base",), "missing: the pretrained checkpoint (only Hugging Face folders hold their own)")
+        tasks = doc.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise self.error(("tasks",), "expected a non-empty list of fine-tuned checkpoints")
+        dtype = doc.get("dtype")
+        if dtype is not None and dtype not in DTYPES:
+            raise self.error(("dtype",), f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        device = str(doc.get("device") or "cpu")
+        try:
+            torch.device(device)
+        except RuntimeError as err:
+            raise self.error(("device",), str(err)) from None
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise self.error(("device",), f"{device!r} requested but CUDA is not available")
+        matrices = doc.get("matrices")
+        if matrices is not None:
+            self.typed(matrices, ("matrices",), dict, "a mapping {glob: 'out_in' | 'in_out'}")
+        output = doc.get("output")
+        return Recipe(
+            path=self.path, model=model, base=base,
+            tasks=[self.checkpoint(t, ("tasks", i)) for i, t in enumerate(tasks)],
+            method=self.method(doc),
+            targets=self.patterns(doc.get("targets"), ("targets",)),
+            exclude=self.patterns(doc.get("exclude"), ("exclude",)),
+            matrices=matrices, dtype=None if dtype is None else DTYPES[dtype], device=device,
+            output=None if output is None else self.path.parent / self.typed(output, ("output",), str, "a path"),
+            adapt=self.adapt(doc.get("adapt")), lines=self.lines,
+        )
+
+
+def parse_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and validate a recipe's YAML, keys, types, method, options and file paths (no model is built)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist")
+    data, lines = _read_yaml(path)
+    if data is None:
+        raise RecipeError(f"{path}: the recipe is empty")
+    return _Parser(path, lines).recipe(data)
+
+
+def check_recipe(recipe: Recipe) -> tuple[nn.Module, list[Entry]]:
+    """Build the architecture on the meta device and check every checkpoint's keys and shapes against it.
+
+    Reads only safetensors headers (PyTorch files are memory-mapped with ``weights_only=True``).
+    Returns the meta model and its merge plan.
+    """
+    try:
+        model = recipe.model.build(recipe.folder, meta=True)
+    except (ValueError, TypeError, AttributeError, ImportError, FileNotFoundError, OSError) as err:
+        raise recipe.error(("model",), f"cannot build the model: {err}") from None
+    try:
+        entries = plan(model, recipe.targets, recipe.exclude, recipe.matrices)
+    except (ValueError, TypeError) as err:
+        key = next((k for k in ("targets", "exclude", "matrices") if k in str(err).split(":")[0]), "targets")
+        raise recipe.error((key,), str(err)) from None
+    base = recipe.base_checkpoint()
+    base_key: KeyPath = ("base",) if recipe.base is not None else ("model", "hf")
+    try:
+        _check_weights(entries, shapes_of(base.open(recipe.dtype)), model)
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
+        raise recipe.error(base_key, f"{base.path}: {_message(err)}") from None
+    for i, task in enumerate(recipe.tasks):
+        try:
+            check_sources(entries, [shapes_of(task.open(recipe.dtype))], set(model.state_dict()), labels=[str(task.path)])
+        except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
+            raise recipe.error(("tasks", i), _message(err)) from None
+    return model, entries
+
+
+def _message(err: Exception) -> str:
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def load_recipe(path: str | os.PathLike) -> tuple[Recipe, nn.Module, list[Entry]]:
+    """Parse and fully check a recipe before any work: returns it, the meta-device model and the merge plan."""
+    recipe = parse_recipe(path)
+    model, entries = check_recipe(recipe)
+    return recipe, model, entries

@@ -1,0 +1,79 @@
+"""Checkpoint files and recipes on disk for the CLI, recipe and sources tests (small random-init models)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+
+from helpers import perturbed
+
+TIMM_NAME = "vit_tiny_patch16_224"
+TIMM_KWARGS = {"num_classes": 5, "img_size": 32, "patch_size": 8, "depth": 1}
+HERE = Path(__file__).parent
+
+
+def timm_model() -> nn.Module:
+    """The small timm ViT the recipes name."""
+    import timm
+
+    return timm.create_model(TIMM_NAME, pretrained=False, **TIMM_KWARGS)
+
+
+def write_timm_checkpoints(folder: Path, tasks: int = 3, suffix: str = ".safetensors") -> tuple[nn.Module, list[nn.Module]]:
+    """base.safetensors and task{i}{suffix} (safetensors or torch.save) of a small timm ViT; returns the models."""
+    torch.manual_seed(0)
+    base = timm_model()
+    finetuned = [perturbed(base, seed=i + 1, rank=2) for i in range(tasks)]
+    save_file(base.state_dict(), folder / "base.safetensors")
+    for i, model in enumerate(finetuned):
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if suffix == ".safetensors":
+            save_file(state, folder / f"task{i}.safetensors")
+        else:
+            torch.save({"state_dict": state, "epoch": 3}, folder / f"task{i}{suffix}")
+    return base, finetuned
+
+
+def timm_recipe(folder: Path, tasks: int = 3, suffix: str = ".safetensors", **overrides: Any) -> dict[str, Any]:
+    """The recipe (as a dict) merging the checkpoints of :func:`write_timm_checkpoints`."""
+    task_specs: list[Any] = [f"task{i}.safetensors" for i in range(tasks)]
+    if suffix != ".safetensors":
+        task_specs = [{"path": f"task{i}{suffix}", "key": "state_dict"} for i in range(tasks)]
+    recipe = {
+        "model": {"timm": TIMM_NAME, "kwargs": dict(TIMM_KWARGS)},
+        "base": "base.safetensors",
+        "tasks": task_specs,
+        "method": "task_arithmetic",
+        "options": {"scaling": 0.4},
+        "exclude": ["head"],
+        "output": "merged.safetensors",
+    }
+    recipe.update(overrides)
+    return recipe
+
+
+def write_recipe(folder: Path, recipe: dict[str, Any] | str, name: str = "recipe.yaml") -> Path:
+    """Write a recipe dict (or raw YAML text) to ``folder/name``."""
+    path = folder / name
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def gpt2_folders(folder: Path, tasks: int = 2) -> tuple[Path, list[Path]]:
+    """Hugging Face folders (save_pretrained) of a tiny GPT-2 (Conv1D, tied embeddings) and fine-tuned copies."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                        eos_token_id=0)
+    base = GPT2LMHeadModel(config)
+    base.save_pretrained(folder / "base")
+    paths = []
+    for i in range(tasks):
+        perturbed(base, seed=i + 1, rank=2).save_pretrained(folder / f"task{i}")
+        paths.append(folder / f"task{i}")
+    return folder / "base", paths

@@ -1,0 +1,134 @@
+"""The ``mergemodules`` command: recipe → fused file round trips, bit-identical to the in-Python merge."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mergemodules as mm
+from mergemodules.cli import main
+from mergemodules.io import save_merge_state
+from recipe_setup import gpt2_folders, timm_model, timm_recipe, write_recipe, write_timm_checkpoints
+
+
+def assert_same_state(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for key in expected:
+        assert actual[key].dtype == expected[key].dtype, key
+        assert torch.equal(actual[key], expected[key]), key
+
+
+@pytest.mark.parametrize("method, options", [
+    ("task_arithmetic", {"scaling": 0.4}),
+    ("ties", {"density": 0.3}),
+    ("cart", {"rank": 0.25}),
+])
+def test_merge_round_trip_is_bit_identical(tmp_path: Path, method: str, options: dict) -> None:
+    base, finetuned = write_timm_checkpoints(tmp_path, tasks=3)
+    recipe = write_recipe(tmp_path, timm_recipe(tmp_path, method=method, options=options))
+    assert main(["-q", "merge", str(recipe), "-o", str(tmp_path / "out.safetensors")]) == 0
+
+    fused = load_file(tmp_path / "out.safetensors")
+    model = timm_model()
+    model.load_state_dict(fused, strict=True)  # loads into the original architecture, original keys
+    expected = mm.merge(base, finetuned, method, exclude=["head"], **options).fuse().state_dict()
+    assert_same_state(model.state_dict(), expected)
+    assert torch.equal(fused["head.weight"], base.state_dict()["head.weight"])  # excluded: pretrained value
+
+
+def test_merge_from_torch_files_with_key_and_recipe_output(tmp_path: Path) -> None:
+    base, finetuned = write_timm_checkpoints(tmp_path, tasks=2, suffix=".pt")
+    recipe = write_recipe(tmp_path, timm_recipe(tmp_path, tasks=2, suffix=".pt"))
+    assert main(["-q", "merge", str(recipe)]) == 0  # output from the recipe, relative to its folder
+    expected = mm.merge(base, finetuned, "task_arithmetic", exclude=["head"], scaling=0.4).fuse().state_dict()
+    assert_same_state(load_file(tmp_path / "merged.safetensors"), expected)
+
+
+def test_merge_in_bfloat16(tmp_path: Path) -> None:
+    base, finetuned = write_timm_checkpoints(tmp_path, tasks=2)
+    recipe = write_recipe(tmp_path, timm_recipe(tmp_path, tasks=2, dtype="bfloat16"))
+    assert main(["-q", "merge", str(recipe)]) == 0
+    fused = load_file(tmp_path / "merged.safetensors")
+    expected = mm.merge(base.to(torch.bfloat16), [m.to(torch.bfloat16) for m in finetuned], "task_arithmetic",
+                        exclude=["head"], scaling=0.4).fuse().state_dict()
+    assert fused["blocks.0.mlp.fc1.weight"].dtype == torch.bfloat16
+    assert_same_state({k: fused[k] for k in expected}, expected)
+
+
+def test_hugging_face_folder_round_trip(tmp_path: Path) -> None:
+    from transformers import GPT2LMHeadModel
+
+    base_dir, task_dirs = gpt2_folders(tmp_path)
+    recipe = write_recipe(tmp_path, {
+        "model": {"hf": "base"}, "tasks": ["task0", "task1"], "method": "tsv", "output": "merged",
+    })
+    assert main(["-q", "merge", str(recipe)]) == 0
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied
+    base = GPT2LMHeadModel.from_pretrained(base_dir)
+    finetuned = [GPT2LMHeadModel.from_pretrained(d) for d in task_dirs]
+    assert_same_state(loaded.state_dict(), mm.merge(base, finetuned, "tsv").fuse().state_dict())
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert main(["-q", "merge", str(recipe)]) == 2  # an existing output folder is not replaced without --force
+    assert main(["-q", "merge", str(recipe), "--force"]) == 0
+
+
+def test_merge_refuses_an_adaptive_method(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_timm_checkpoints(tmp_path, tasks=2)
+    recipe = write_recipe(tmp_path, timm_recipe(tmp_path, tasks=2, method="adarank_ta", options={}))
+    assert main(["-q", "merge", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    line = recipe.read_text().splitlines().index("method: adarank_ta") + 1
+    assert f"recipe.yaml:{line}: method:" in err and "adarank_ta" in err and "mergemodules adapt" in err
+    assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_check_validates_without_writing(tmp_path: Path) -> None:
+    write_timm_checkpoints(tmp_path, tasks=2)
+    recipe = write_recipe(tmp_path, timm_recipe(tmp_path, tasks=2))
+    assert main(["-q", "merge", str(recipe), "--check"]) == 0
+    assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_inspect_lists_matrices_ranks_and_memory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_timm_checkpoints(tmp_path, tasks=2)
+    recipe = write_recipe(tmp_path, timm_recipe(tmp_path, tasks=2, method="cart", options={"rank": 0.08}))
+    assert main(["inspect", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if "matrix, low-rank" in line]
+    entries = mm.targets.plan(timm_model(), exclude=["head"])
+    matrices = [e for e in entries if e.merged and e.is_matrix]
+    assert [r[0] for r in rows] == [e.name for e in matrices]
+    for row, entry in zip(rows, matrices):  # rank column: ⌈0.08 · min(out, in)⌉
+        assert int(row[-3]) == mm.resolve_rank(0.08, entry.shape) == 16
+    assert "T=2 tasks" in out and "MiB" in out
+
+
+def test_inspect_a_model_by_name(capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", "--model", "open_clip:ViT-B-32", "--method", "tsv", "--tasks", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if "matrix, low-rank" in line}
+    assert rows["visual.transformer.resblocks.0.attn.in_proj_weight"][1:2] == ["2304x768"]  # MHA in-projection
+    assert rows["visual.proj"][1:2] == ["768x512"]  # [in, out] projection
+    assert rows["visual.proj"][-3] == "64"  # TSV-M: ⌊min(out, in) / T⌋ components per task
+
+
+def test_fuse_a_saved_merge_state(tmp_path: Path) -> None:
+    base, finetuned = write_timm_checkpoints(tmp_path, tasks=2)
+    recipe = write_recipe(tmp_path, timm_recipe(tmp_path, tasks=2))
+    merged = mm.merge(base, finetuned, "cart", rank=0.5)
+    save_merge_state(merged, tmp_path / "state.safetensors")
+    out = tmp_path / "fused.safetensors"
+    assert main(["-q", "fuse", str(tmp_path / "state.safetensors"), "--recipe", str(recipe), "-o", str(out)]) == 0
+    assert_same_state(load_file(out), merged.fuse().state_dict())
+
+
+def test_help_is_useful(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("merge", "adapt", "inspect", "fuse", "docs/recipes.md"):
+        assert command in out
