@@ -91,7 +91,10 @@ def build_text_encoder(spec: TextModelSpec, seed: int = 0) -> TextEncoder:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModel, BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # the MiniLM checkpoint carries an unused pooler: not worth a warning
+    hf_logging.disable_progress_bar()
     if spec.kind == "minilm":
         bert = AutoModel.from_pretrained(minilm_dir(), add_pooling_layer=False)
     elif spec.kind == "tiny":

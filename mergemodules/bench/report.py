@@ -120,7 +120,7 @@ def _zoo_table(zoo) -> str:
 def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None, rebuild: bool = False,
               results_md: str | None = None, plots_dir: str | None = None, json_dir: str | None = None,
               command: str = "python -m mergemodules.bench", preset: str = "default") -> dict[str, Any]:
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     load_start = _load()
     zoo = build_zoo(cfg, cache_dir, rebuild=rebuild)
     t_zoo = time.time() - t0
@@ -148,9 +148,9 @@ def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None
                 if path:
                     plots[f"masks_{label}"] = path
     keep.clear()
-    total = time.time() - t0
+    total, cpu = time.time() - t0, time.process_time() - c0
     extra = {"command": command, "preset": preset, "seconds": {"zoo": round(t_zoo, 1), "methods": round(t_methods, 1),
-                                                                 "total": round(total, 1)},
+                                                                 "total": round(total, 1), "cpu": round(cpu, 1)},
              "zoo_rebuilt": zoo.rebuilt, "cart_rank_sweep": sweep, "plots": plots, "run_config": dataclasses.asdict(rc),
              "machine": machine_line(), "load_average": {"start": load_start, "end": _load()},
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -162,13 +162,14 @@ def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None
     built = "built from scratch" if "pretrained" in zoo.rebuilt else (
         f"reused from the cache, {len(zoo.rebuilt)} entries rebuilt" if zoo.rebuilt else "reused from the cache")
     summary = (f"{cfg.suite}: zoo {built} in {t_zoo:.0f} s, methods {t_methods:.0f} s, total {total:.0f} s "
-               f"(load average {load_start} -> {_load()}); raw results: {json_path}")
+               f"(CPU time {cpu:.0f} s; load average {load_start} -> {_load()}); raw results: {json_path}")
     if results_md:
         md_dir = os.path.dirname(os.path.abspath(results_md))
         rel = {k: os.path.relpath(os.path.abspath(v), md_dir) for k, v in plots.items()}
         body = [f"## Benchmark: {cfg.suite} suite ({'full' if preset == 'full' else 'reduced default'})", "",
                 f"`{command}` — {extra['date']}; {machine_line()}.",
-                f"Wall time {total:.0f} s (zoo {built}: {t_zoo:.0f} s; methods and plots {total - t_zoo:.0f} s); "
+                f"Wall time {total:.0f} s (zoo {built}: {t_zoo:.0f} s; methods and plots {total - t_zoo:.0f} s), "
+                f"CPU time {cpu:.0f} s; "
                 f"load average (1/5/15 min) {load_start} at the start, {_load()} at the end — other processes "
                 "shared the cores when the load exceeds the core count.", "",
                 "Accuracy (%) of the merged encoder with each task's own fine-tuned head on the held-out test split "
