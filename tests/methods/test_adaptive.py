@@ -155,7 +155,7 @@ def test_short_adaptation_lowers_entropy_changes_learnables_and_fuses(setting, m
     merged = mm.merge(*setting, method)
     task_set = tasks()
     before, start = total_entropy(merged, task_set), learnables(merged)
-    history = mm.adapt(merged, task_set, steps=15, lr=0.02, seed=0)
+    history = mm.adapt(merged, task_set, steps=10, lr=0.03, seed=0)
     after, end = total_entropy(merged, task_set), learnables(merged)
     assert after < before - 0.05, (before, after)
     assert history[-1]["loss"] < history[0]["loss"]
