@@ -75,8 +75,10 @@ def _randomized_svd(A: Tensor, k: int, oversample: int, power_iters: int, seed: 
     for _ in range(power_iters):
         Q = torch.linalg.qr(A.mT @ Q).Q
         Q = torch.linalg.qr(A @ Q).Q
-    Ub, S, Vh = torch.linalg.svd(Q.mT @ A, full_matrices=False)
-    return Factors((Q @ Ub)[..., :k], S[..., :k], Vh[..., :k, :].mT)
+    # SVD of the tall (n, p) matrix Aᵀ·Q = V·S·Wᵀ, so A ≈ Q·Qᵀ·A = (Q·W)·S·Vᵀ: LAPACK is several
+    # times faster on this tall matrix than on the wide Qᵀ·A, for the same factors.
+    V, S, Wh = torch.linalg.svd(A.mT @ Q, full_matrices=False)
+    return Factors((Q @ Wh.mT)[..., :k], S[..., :k], V[..., :k])
 
 
 def truncated_svd(

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["MergedTensor", "MergedWeight", "MergedLinear", "straight_through_mask", "weight_cache"]
 
@@ -224,17 +225,27 @@ class MergedWeight(_Merged):
         """U and V with all tasks' components side by side: (out, T·k), (in, T·k)."""
         return self.U.transpose(0, 1).flatten(1), self.V.transpose(0, 1).flatten(1)
 
+    def _factor_sum(self, start: Tensor) -> Tensor:
+        """``start + Σ_t U_t diag(λ_t m_t σ_t) V_tᵀ`` (see :class:`_FactorSum`)."""
+        scales = self._component_scales().view_as(self.S)
+        if self.U.requires_grad or self.V.requires_grad:  # factors being trained: plain autograd
+            U, V = self._concatenated()
+            return start + (U * scales.reshape(-1)) @ V.t()
+        return _FactorSum.apply(start, scales, self.U, self.V)
+
     def delta_weight(self) -> Tensor:
         """The task term Σ_t λ_t U_t diag(m_t σ_t) V_tᵀ (or Σ_t λ_t Δ_t), canonical (out, in)."""
         if self.S is not None:
-            U, V = self._concatenated()
-            return (U * self._component_scales()) @ V.t()
+            return self._factor_sum(torch.zeros_like(self.base))
         if self.deltas is not None:
             return torch.tensordot(self.lambdas(), self.deltas, dims=1)
         return torch.zeros_like(self.base)
 
     def compute(self) -> Tensor:
-        weight = self.base if self.num_tasks == 0 else self.base + self.delta_weight()
+        if self.S is not None:
+            weight = self._factor_sum(self.base)
+        else:
+            weight = self.base if self.num_tasks == 0 else self.base + self.delta_weight()
         return weight if self.layout == "out_in" else weight.t()
 
     def use_low_rank(self, tokens: int) -> bool:
@@ -260,6 +271,32 @@ class MergedWeight(_Merged):
             return F.linear(x, weight if self.layout == "out_in" else weight.t(), bias)
         U, V = self._concatenated()
         return F.linear(x, self.base, bias) + ((x @ V) * self._component_scales()) @ U.t()
+
+
+class _FactorSum(torch.autograd.Function):
+    """``start + Σ_t U_t·diag(s_t)·V_tᵀ`` with a gradient for the scales ``s`` (T, k) only.
+
+    The forward pass multiplies only the components whose scale is nonzero (AdaRank's hard masks
+    switch most of them off: exact, since the others add 0) in one GEMM. The backward pass gives
+    every component its gradient ∂L/∂s_tj = u_tjᵀ·G·v_tj from the weight gradient G, as the
+    straight-through estimator needs, and saves no copy of the factors.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, start: Tensor, scales: Tensor, U: Tensor, V: Tensor) -> Tensor:
+        ctx.save_for_backward(U, V)
+        active = scales != 0
+        U_on, V_on = U.transpose(0, 1)[:, active], V.transpose(0, 1)[:, active]
+        return torch.addmm(start, U_on * scales[active], V_on.t())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        U, V = ctx.saved_tensors
+        grad_scales = None
+        if ctx.needs_input_grad[1]:
+            grad_scales = (torch.einsum("oi,tik->tok", grad, V) * U).sum(1)
+        return (grad if ctx.needs_input_grad[0] else None), grad_scales, None, None
 
 
 class MergedLinear(nn.Module):
