@@ -180,6 +180,12 @@ def learn_redundant_vector(
     _check_options(alpha, steps, lr, optimizer)
     blocks = _blocks(task_vectors)
     objective = _Objective(blocks, alpha)
+    entries = sum(block.shape[1] for block in blocks)
+    rms = math.sqrt(float(objective.gram0.trace()) / (entries * len(objective.gram0)))
+    logger.info(
+        "AWD: %d tensors, %d entries, T = %d, RMS task-vector entry %.3g; %s lr %.3g for %d steps",
+        len(blocks), entries, len(objective.gram0), rms, optimizer, lr, steps,
+    )
     deltas = [torch.zeros_like(block[0]) for block in blocks]
     for delta in deltas:  # written in place every step
         delta.grad = torch.empty_like(delta)
