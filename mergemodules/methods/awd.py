@@ -217,7 +217,8 @@ class AWD(Transform):
         alpha: α, weight of ‖δ‖ (the paper tunes it over ``ALPHA_GRID``; 1e-4 is its middle).
         steps: optimizer steps (the paper's Table 5 uses 1000).
         lr: learning rate β. The paper does not state it; Adam moves each entry of δ by about ``lr``
-            per step, so it is in the units of the task vectors' entries (≈1e-4 for CLIP fine-tunes).
+            per step, so it is in the units of the task vectors' entries (the INFO log prints their
+            RMS). 1e-5 is a guess for CLIP fine-tunes, not validated on real checkpoints.
         optimizer: ``"adam"`` (default) or ``"sgd"``, Algorithm 1's plain step δ ← δ − β∇L.
         scope: which tensors δ covers: ``"matrices"`` (every tensor merged as a matrix: Linear
             weights, attention in-projections, projections), ``"all"`` (every merged tensor), or a
