@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import nn
 
 from .decompose import resolve_rank
 from .io import load_merge_state, save_fused, save_merge_state
@@ -22,7 +22,7 @@ from .methods.tsv import TaskSingularVectors
 from .recipe import Recipe, RecipeError, load_recipe
 from .sources import MODEL_KINDS, build_model, load_callable
 from .streaming import save_fused_streaming
-from .surgery import MergedModel, merge
+from .surgery import merge
 from .targets import Entry, plan
 
 __all__ = ["main", "build_parser"]
@@ -153,7 +153,8 @@ def _tasks(recipe: Recipe, data: str | None) -> tuple[dict[str, Any], dict[str, 
         raise recipe.error(("adapt",), "missing: 'adapt: {data: module:function}' (or pass --data)")
     built = load_callable(where, recipe.folder)(**(spec.kwargs if spec else {}))
     if not isinstance(built, Mapping) or not built:
-        raise CommandError(f"--data {where}: must return a non-empty mapping {{task name: Task}}, got {type(built).__name__}")
+        raise CommandError(f"--data {where}: must return a non-empty mapping {{task name: Task}}, "
+                           f"got {type(built).__name__}")
     tasks = {name: t if isinstance(t, Task) else Task(*t) for name, t in built.items()}
     eval_data = load_callable(spec.eval, recipe.folder)(**spec.kwargs) if spec and spec.eval else None
     return tasks, eval_data
@@ -324,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Merge the recipe's checkpoints with a static method, layer by layer from "
                                    "memory-mapped files, and write the fused weights under the base checkpoint's keys.")
     p.add_argument("recipe", help="YAML recipe (docs/recipes.md)")
-    p.add_argument("-o", "--output", help="output .safetensors file (HF models: a folder); default: the recipe's 'output'")
+    p.add_argument("-o", "--output",
+                   help="output .safetensors file (HF models: a folder); default: the recipe's 'output'")
     p.add_argument("--check", action="store_true", help="validate the recipe and report the plan; merge nothing")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_merge)

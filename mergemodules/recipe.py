@@ -221,7 +221,7 @@ class _Parser:
         if kind == "hf":
             folder = self.file(name, ("model", kind), folder_ok=True)
             if not (folder / "config.json").is_file():
-                raise self.error(("model", kind), f"{str(folder)!r} is not a Hugging Face model folder (no config.json)")
+                raise self.error(("model", kind), f"{str(folder)!r} is not a Hugging Face folder (no config.json)")
         kwargs = self.typed(spec.get("kwargs") or {}, ("model", "kwargs"), dict, "a mapping of constructor arguments")
         submodule = spec.get("submodule")
         if submodule is not None:
@@ -351,7 +351,8 @@ def check_recipe(recipe: Recipe) -> tuple[nn.Module, list[Entry]]:
         raise recipe.error(base_key, f"{base.path}: {_message(err)}") from None
     for i, task in enumerate(recipe.tasks):
         try:
-            check_sources(entries, [shapes_of(task.open(recipe.dtype))], set(model.state_dict()), labels=[str(task.path)])
+            shapes = shapes_of(task.open(recipe.dtype))
+            check_sources(entries, [shapes], set(model.state_dict()), labels=[str(task.path)])
         except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
             raise recipe.error(("tasks", i), _message(err)) from None
     return model, entries

@@ -154,7 +154,10 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
     """
 
     def __init__(
-        self, paths: str | os.PathLike | Iterable[str | os.PathLike], dtype: torch.dtype | None = None, device: str = "cpu"
+        self,
+        paths: str | os.PathLike | Iterable[str | os.PathLike],
+        dtype: torch.dtype | None = None,
+        device: str = "cpu",
     ) -> None:
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         self.paths = [Path(p) for p in paths]
@@ -232,7 +235,10 @@ class _Converted(Mapping[str, Tensor]):
 
     def meta(self) -> dict[str, Tensor]:
         """Meta tensors of the (converted) shapes and dtypes."""
-        return {k: torch.empty(v.shape, dtype=_target_dtype(v.dtype, self.dtype), device="meta") for k, v in self.state.items()}
+        return {
+            k: torch.empty(v.shape, dtype=_target_dtype(v.dtype, self.dtype), device="meta")
+            for k, v in self.state.items()
+        }
 
 
 def _torch_load(path: Path, key: str | None) -> dict[str, Tensor]:

@@ -106,11 +106,14 @@ def _fused(
 
 
 def merge_to_state_dict(
-    pretrained: nn.Module, finetuned: Sequence[nn.Module | Mapping[str, Tensor]], method: str | Method = "task_arithmetic",
+    pretrained: nn.Module,
+    finetuned: Sequence[nn.Module | Mapping[str, Tensor]],
+    method: str | Method = "task_arithmetic",
     **kwargs: Any,
 ) -> dict[str, Tensor]:
     """The fused state dict (``merge(...).fuse().state_dict()``) built tensor by tensor; see :func:`fuse_streaming`."""
-    fused = {name: tensor for names, tensor in fuse_streaming(pretrained, finetuned, method, **kwargs) for name in names}
+    stream = fuse_streaming(pretrained, finetuned, method, **kwargs)
+    fused = {name: tensor for names, tensor in stream for name in names}
     return {key: fused[key] for key in pretrained.state_dict()}
 
 

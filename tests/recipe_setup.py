@@ -23,7 +23,9 @@ def timm_model() -> nn.Module:
     return timm.create_model(TIMM_NAME, pretrained=False, **TIMM_KWARGS)
 
 
-def write_timm_checkpoints(folder: Path, tasks: int = 3, suffix: str = ".safetensors") -> tuple[nn.Module, list[nn.Module]]:
+def write_timm_checkpoints(
+    folder: Path, tasks: int = 3, suffix: str = ".safetensors"
+) -> tuple[nn.Module, list[nn.Module]]:
     """base.safetensors and task{i}{suffix} (safetensors or torch.save) of a small timm ViT; returns the models."""
     torch.manual_seed(0)
     base = timm_model()
@@ -77,3 +79,19 @@ def gpt2_folders(folder: Path, tasks: int = 2) -> tuple[Path, list[Path]]:
         perturbed(base, seed=i + 1, rank=2).save_pretrained(folder / f"task{i}")
         paths.append(folder / f"task{i}")
     return folder / "base", paths
+
+
+def adapt_tasks(batches: int = 2, classes: int = 3) -> dict[str, Any]:
+    """Two tasks of unlabeled 32×32 images (fixed seed), each with its own linear head on the ViT's logits."""
+    from mergemodules import Task
+
+    gen = torch.Generator().manual_seed(0)
+    tasks = {}
+    for name in ("cars", "digits"):
+        head = nn.Linear(TIMM_KWARGS["num_classes"], classes)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen))
+            head.bias.zero_()
+        data = [torch.randn(4, 3, 32, 32, generator=gen) for _ in range(batches)]
+        tasks[name] = Task(data, head)
+    return tasks

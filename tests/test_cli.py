@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import mergemodules as mm
 from mergemodules.cli import main
 from mergemodules.io import save_merge_state
-from recipe_setup import gpt2_folders, timm_model, timm_recipe, write_recipe, write_timm_checkpoints
+from recipe_setup import HERE, adapt_tasks, gpt2_folders, timm_model, timm_recipe, write_recipe, write_timm_checkpoints
 
 
 def assert_same_state(actual: dict, expected: dict) -> None:
@@ -123,6 +123,23 @@ def test_fuse_a_saved_merge_state(tmp_path: Path) -> None:
     out = tmp_path / "fused.safetensors"
     assert main(["-q", "fuse", str(tmp_path / "state.safetensors"), "--recipe", str(recipe), "-o", str(out)]) == 0
     assert_same_state(load_file(out), merged.fuse().state_dict())
+
+
+def test_adapt_equals_the_in_python_loop(tmp_path: Path) -> None:
+    base, finetuned = write_timm_checkpoints(tmp_path, tasks=2)
+    adapt = {"data": f"{HERE / 'recipe_setup.py'}:adapt_tasks", "kwargs": {"batches": 2}, "steps": 3, "lr": 0.01,
+             "merge_state": "state.safetensors"}
+    recipe = write_recipe(tmp_path, timm_recipe(tmp_path, tasks=2, method="adamerging_taskwise", options={},
+                                                adapt=adapt))
+    assert main(["-q", "adapt", str(recipe), "-o", str(tmp_path / "adapted.safetensors")]) == 0
+
+    merged = mm.merge(base, finetuned, "adamerging_taskwise", exclude=["head"])
+    mm.adapt(merged, adapt_tasks(batches=2), steps=3, lr=0.01, seed=0)
+    assert not torch.equal(merged.merged_tensors()["blocks.0.mlp.fc1.weight"].coef.detach(), torch.full((2,), 0.3))
+    assert_same_state(load_file(tmp_path / "adapted.safetensors"), merged.fuse().state_dict())
+    state = mm.io.load_merge_state(timm_model(), tmp_path / "state.safetensors")
+    name = "blocks.0.mlp.fc1.weight"
+    assert torch.equal(state.merged_tensors()[name].coef, merged.merged_tensors()[name].coef)
 
 
 def test_help_is_useful(capsys: pytest.CaptureFixture) -> None:

@@ -47,7 +47,8 @@ def test_a_good_recipe_parses(folder: Path) -> None:
 
 
 def test_bad_yaml_names_line_and_column(folder: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    path = write_recipe(folder, "model:\n  timm: vit_tiny_patch16_224\ntasks: [a.safetensors, b.safetensors\nmethod: ta\n")
+    text = "model:\n  timm: vit_tiny_patch16_224\ntasks: [a.safetensors, b.safetensors\nmethod: ta\n"
+    path = write_recipe(folder, text)
     err = fails_before_work(path, monkeypatch, capsys)
     assert "recipe.yaml:4:" in err and "invalid YAML" in err
 

@@ -30,7 +30,7 @@ def small_open_clip_vit() -> nn.Module:
 
 
 class CountingSource(Mapping[str, Tensor]):
-    """A lazy mapping (shapes readable without values, as a safetensors checkpoint) that records which tensors were read."""
+    """A lazy mapping (shapes readable without values, like a safetensors checkpoint) recording the tensors read."""
 
     def __init__(self, state: Mapping[str, Tensor]) -> None:
         self.state, self.reads = state, []
