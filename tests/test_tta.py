@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import mergemodules as mm
-from tta_setup import D_IN, heads, inputs, learnables, models, tasks
+from mergemodules.tta import _Stream
+from tta_setup import D_IN, NoisyInputs, heads, inputs, learnables, models, tasks
 
 # ------------------------------------------------------------------------------------------ entropy
 
@@ -60,6 +61,29 @@ def test_entropy_with_minus_infinity_logits_is_finite_with_finite_gradient():
 def test_entropy_rejects_integer_logits():
     with pytest.raises(TypeError, match="logits"):
         mm.entropy(torch.ones(2, 3, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 9), batch=st.integers(1, 4), cut=st.integers(0, 10), seed=st.integers(0, 3),
+       own_generator=st.booleans())
+def test_data_stream_resumed_anywhere_gives_the_same_batches(n, batch, cut, seed, own_generator):
+    generator = torch.Generator().manual_seed(99) if own_generator else None
+    loader = DataLoader(NoisyInputs(torch.arange(n, dtype=torch.float32)[:, None]), batch_size=batch,
+                        shuffle=True, generator=generator)
+    reference = _Stream("t", loader, seed)
+    expected = [reference.next() for _ in range(10)]
+    interrupted = _Stream("t", loader, seed)
+    for _ in range(cut):
+        interrupted.next()
+    resumed = _Stream("t", loader, seed)
+    resumed.restore(interrupted.state())
+    assert all(torch.equal(a, b) for a, b in zip(expected[cut:], (resumed.next() for _ in range(10 - cut))))
+    # a pass covers the data once
+    first_pass = torch.cat(expected[: -(-n // batch)]).round().flatten()  # ⌈n / batch⌉ ≤ 9 batches
+    assert sorted(first_pass.tolist()) == list(range(n))
 
 
 # -------------------------------------------------------------------------------------------- loop
@@ -131,6 +155,19 @@ def test_batches_may_be_pairs_or_keyword_mappings():
     for i, (name, t) in enumerate(task_set.items()):
         t.data = [{"x": inputs(i), "labels": torch.zeros(24, dtype=torch.long)}]
     assert mm.adapt(Keyword(_merged()), task_set, steps=1)[0]["entropy"] == pytest.approx(reference, abs=1e-6)
+
+
+def test_adapts_a_bfloat16_model_with_float32_learnables():
+    pretrained, finetuned = models()
+    merged = mm.merge(pretrained.to(torch.bfloat16), [f.to(torch.bfloat16) for f in finetuned], "adarank_ta")
+    start = learnables(merged)
+    task_set = {name: mm.Task([x.to(torch.bfloat16) for x in t.data], t.head.to(torch.bfloat16))
+                for name, t in tasks().items()}
+    history = mm.adapt(merged, task_set, steps=4, lr=0.03)
+    assert all(math.isfinite(h["loss"]) for h in history) and history[-1]["loss"] < history[0]["loss"]
+    end = learnables(merged)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in end.values())
+    assert any(not torch.equal(start[k], end[k]) for k in end)
 
 
 def test_only_merged_parameters_move_and_heads_get_no_gradient():
