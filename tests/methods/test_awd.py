@@ -327,3 +327,14 @@ def test_awd_adarank_factorises_the_disentangled_vectors(models) -> None:
     assert weight.mask_logits is not None and weight.rank == 16  # full rank, all components on
     tv = task_vectors_of(model, finetuned)[name] - merged.transform.deltas[name]
     torch.testing.assert_close(weight(), model[0].linear1.weight + 0.3 * tv.sum(dim=0), rtol=1e-4, atol=1e-5)
+
+
+def test_example_runs(tmp_path, monkeypatch) -> None:
+    import runpy
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "argv", ["awd_diagnostics.py", str(tmp_path / "cosine.png")])
+    example = runpy.run_path(str(Path(__file__).parents[2] / "examples" / "awd_diagnostics.py"), run_name="__main__")
+    assert example["awd"].mean_abs_cosine_after < 0.1 < example["awd"].mean_abs_cosine_before
+    assert (tmp_path / "cosine.png").read_bytes()[:4] == b"\x89PNG"
