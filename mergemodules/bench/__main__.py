@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", default=None, help="directory for the plots (e.g. benchmarks/plots)")
     p.add_argument("--json", default=None, help="directory for the raw results as JSON (default: the zoo directory)")
     p.add_argument("--methods", default=None, help="comma-separated row labels to run (default: all)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice, or 1 when the load average exceeds the cores: "
+                        "on a shared machine one thread is several times faster than threads that spin-wait)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -48,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.quiet:
         os.environ["MERGEMODULES_BENCH_QUIET"] = "1"
-    if args.threads:
-        import torch
+    import torch
 
+    if args.threads:
         torch.set_num_threads(args.threads)
+    elif hasattr(os, "getloadavg") and os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1):
+        logging.getLogger("mergemodules.bench").info(
+            "load average %.1f on %d cores: using 1 torch thread (--threads N to override)", os.getloadavg()[0], os.cpu_count())
+        torch.set_num_threads(1)
     suites = ("text", "vision") if args.suite == "all" else (args.suite,)
     command = "python -m mergemodules.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.time()

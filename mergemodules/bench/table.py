@@ -86,7 +86,7 @@ class RunConfig:
 class Result:
     label: str
     method: str | None
-    status: str  # "ok" | "missing" | "error"
+    status: str  # "ok" | "missing" | "diverged"
     test: dict[str, float] = dataclasses.field(default_factory=dict)
     val: dict[str, float] = dataclasses.field(default_factory=dict)
     chosen: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -228,6 +228,9 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
     except MissingMethod as e:
         res.status, res.note = "missing", str(e)
         logger.warning("%s: missing (%s)", row.label, e)
+    except FloatingPointError as e:  # TTA diverged: report it, never a number
+        res.status, res.note, res.test = "diverged", str(e), {}
+        logger.error("%s: diverged (%s)", row.label, e)
     res.seconds = round(time.time() - t0, 1)
     if res.status == "ok":
         logger.info("%s: mean test accuracy %.4f (%s) in %.0fs", row.label, res.mean, res.chosen or "-", res.seconds)
@@ -284,7 +287,7 @@ def markdown_table(zoo: Zoo, results: list[Result]) -> str:
     lines = [head, sep]
     for r in results:
         if r.status != "ok":
-            cells = ["missing"] * len(names) + ["missing"]
+            cells = [r.status] * len(names) + [r.status]
             note = r.note.split(";")[0][:80]
             lines.append(f"| {r.label} | " + " | ".join(cells) + f" | {note} |")
         else:

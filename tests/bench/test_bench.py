@@ -127,3 +127,17 @@ def test_run_suite_writes_table_section_plots_and_keeps_other_sections(text_zoo,
     assert "keep me" in text and text.count("BEGIN -->") == 1 and "| Task Arithmetic |" in text
     assert os.path.isfile(out["plots"]["cart_rank"]) and os.path.isfile(out["json"])
     assert "masks_CART+AdaRank" in out["plots"]
+
+
+def test_cli_help_and_presets(capsys):
+    from mergemodules.bench import presets
+    from mergemodules.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--full" in capsys.readouterr().out
+    for suite in ("text", "vision"):
+        small, _ = presets.get(suite)
+        full, _ = presets.get(suite, full=True)
+        assert set(small.tasks) <= set(full.tasks) and small.finetune.steps <= full.finetune.steps
+    assert len(presets.get("text", full=True)[0].tasks) >= 6 and len(presets.get("vision")[0].tasks) >= 5
