@@ -90,7 +90,7 @@ def _base_and_task_vectors(
     dtype = compute_dtype(pretrained.dtype)
     values = torch.stack([v.to(device=pretrained.device, dtype=dtype) for v in _task_values(entry, sources)])
     base = pretrained.to(dtype) if method.base == "pretrained" else values.mean(dim=0)
-    return base, values - base
+    return base, values.sub_(base)  # in place: the stack is a fresh copy, and one T-fold copy is enough
 
 
 class _Coefficients:
