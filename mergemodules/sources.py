@@ -149,7 +149,8 @@ def build_model(
 class SafetensorsCheckpoint(Mapping[str, Tensor]):
     """One or more safetensors files as a lazy name → tensor mapping (one tensor read per lookup).
 
-    Files are memory-mapped; nothing is read until a tensor is looked up. Floating tensors are
+    Files are memory-mapped; nothing is read until a tensor is looked up, and its pages stay
+    resident only while the returned tensor lives. Floating tensors are
     cast to ``dtype`` when given; every tensor is moved to ``device``.
     """
 
@@ -170,13 +171,13 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
                     raise ValueError(f"{str(path)!r}: tensor {key!r} also appears in {str(self._files[key])!r}")
                 self._files[key] = path
                 self._header[key] = (shape, dtype_)
-        self._handles: dict[Path, Any] = {}
 
     def __getitem__(self, key: str) -> Tensor:
-        path = self._files[key]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return _convert(self._handles[path].get_tensor(key), self.dtype, self.device)
+        # A fresh mapping per lookup: the tensor is a view of the file's pages, which leave the
+        # process's resident memory when the tensor is freed (a long-lived handle would keep every
+        # page ever read resident, T model sizes of RSS by the end of a merge).
+        with safe_open(str(self._files[key]), framework="pt", device="cpu") as f:
+            return _convert(f.get_tensor(key), self.dtype, self.device)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
