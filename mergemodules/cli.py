@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import yaml
@@ -366,32 +367,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+@contextlib.contextmanager
+def _cli_logging(verbose: bool, quiet: bool) -> Iterator[None]:
+    """Log the package to stderr at the CLI's level while a command runs; restore the logger afterwards."""
     package = logging.getLogger("mergemodules")
-    package.setLevel(level)
-    if not any(getattr(h, "_mergemodules_cli", False) for h in package.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler._mergemodules_cli = True  # type: ignore[attr-defined]
-        package.addHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = package.level
+    package.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    package.addHandler(handler)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad recipe or arguments, 1 other errors)."""
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose, args.quiet)
-    try:
-        args.func(args)
-    except (RecipeError, CommandError) as err:
-        print(f"mergemodules {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
-        if args.verbose:
-            raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"mergemodules {args.command}: error: {message}", file=sys.stderr)
-        return 1
+    with _cli_logging(args.verbose, args.quiet):
+        try:
+            args.func(args)
+        except (RecipeError, CommandError) as err:
+            print(f"mergemodules {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
+            if args.verbose:
+                raise
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"mergemodules {args.command}: error: {message}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import mergemodules as mm
-from mergemodules.cli import main
+from helpers import perturbed
+from mergemodules.cli import main, memory_plan
 from mergemodules.io import save_merge_state
 from recipe_setup import HERE, adapt_tasks, gpt2_folders, timm_model, timm_recipe, write_recipe, write_timm_checkpoints
 
@@ -104,6 +105,21 @@ def test_inspect_lists_matrices_ranks_and_memory(tmp_path: Path, capsys: pytest.
     for row, entry in zip(rows, matrices):  # rank column: ⌈0.08 · min(out, in)⌉
         assert int(row[-3]) == mm.resolve_rank(0.08, entry.shape) == 16
     assert "T=2 tasks" in out and "MiB" in out
+
+
+@pytest.mark.parametrize("method, options", [
+    ("task_arithmetic", {}), ("ties", {}), ("tsv", {}), ("cart", {"rank": 0.1}), ("weight_averaging", {}),
+])
+def test_inspect_memory_is_what_merge_holds(method: str, options: dict) -> None:
+    base = timm_model()
+    finetuned = [perturbed(base, seed=s) for s in (1, 2, 3)]
+    merged = mm.merge(base, finetuned, method, exclude=["head"], **options)
+    storages = {}
+    for module in merged.merged_tensors().values():
+        for buffer in module.buffers(recurse=False):
+            storages[buffer.untyped_storage().data_ptr()] = buffer.untyped_storage().nbytes()
+    rows = memory_plan(mm.targets.plan(base, exclude=["head"]), mm.get_method(method, **options), 3, 4)
+    assert sum(r["bytes"] for r in rows) == sum(storages.values())
 
 
 def test_inspect_a_model_by_name(capsys: pytest.CaptureFixture) -> None:
