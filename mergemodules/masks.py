@@ -69,7 +69,7 @@ def plot_masks(
     Args:
         merged: an AdaRank-merged model.
         path: the PNG file to write (written atomically).
-        layers: layer names to plot, in order (default: all masked layers).
+        layers: layer names to plot, in order (default: all masked layers; Figure 5 shows a few blocks).
         task_names: row labels (default ``task 0``, ``task 1``, ...).
         fraction: the leading fraction of components shown (Figure 5 shows the top 50%).
     """
