@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mergemodules as mm
+from tta_setup import one_thread  # noqa: F401  (autouse fixture)
 from tta_setup import models
 
 YELLOW, BLUE = np.array([0xF2, 0xD1, 0x3A]) / 255, np.array([0x2A, 0x62, 0xB8]) / 255

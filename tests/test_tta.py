@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 import mergemodules as mm
 from mergemodules.tta import _Stream
+from tta_setup import one_thread  # noqa: F401  (autouse fixture)
 from tta_setup import D_IN, NoisyInputs, heads, inputs, learnables, models, tasks
 
 # ------------------------------------------------------------------------------------------ entropy

@@ -1,12 +1,22 @@
 """A small multi-task setting for adaptation tests: an encoder, fine-tuned copies, a head and data per task."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import mergemodules as mm
 from helpers import perturbed
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for these tiny models (two threads oversubscribe the shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 NUM_TASKS = 3
 CLASSES = (4, 5, 6)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import mergemodules as mm
 from helpers import assert_close_to_scale
 from mergemodules.layers import MergedTensor, MergedWeight
+from tta_setup import one_thread  # noqa: F401  (autouse fixture)
 from tta_setup import D_IN, learnables, models, tasks, total_entropy
 
 ADAPTIVE = ["adamerging_taskwise", "adamerging_layerwise", "cart_pp", "adarank_ta", "adarank_cart"]
