@@ -10,6 +10,21 @@ from .base import TaskVectorSource, Transform
 
 __all__ = ["Ties"]
 
+_BUCKET_BITS = 16
+_NUM_BUCKETS = 2**_BUCKET_BITS
+
+
+def _magnitudes(task_vectors: Tensor) -> Tensor:
+    """|τ| as float32 or float64 (exact for half-precision inputs)."""
+    magnitudes = task_vectors.abs()
+    return magnitudes if magnitudes.dtype in (torch.float32, torch.float64) else magnitudes.float()
+
+
+def _buckets(magnitudes: Tensor) -> Tensor:
+    """The top bits below the sign of each magnitude's bit pattern: for non-negative floats, ordered as the values."""
+    bits, width = (torch.int32, 32) if magnitudes.dtype == torch.float32 else (torch.int64, 64)
+    return magnitudes.view(bits) >> (width - 1 - _BUCKET_BITS)
+
 
 @dataclass(frozen=True)
 class Ties(Transform):
@@ -27,19 +42,34 @@ class Ties(Transform):
             raise ValueError(f"density={self.density!r} must lie in (0, 1]")
 
     def fit(self, source: TaskVectorSource) -> "Ties":
-        """Find each task's global magnitude threshold (its ⌈density·N⌉-th largest |τ| entry)."""
-        magnitudes: list[list[Tensor]] = []
+        """Find each task's global magnitude threshold (its ⌈density·N⌉-th largest |τ| entry), exactly.
+
+        Streams the task vectors twice instead of holding all |τ| (T model sizes): pass 1 counts the
+        magnitudes per bucket of their top bits (monotone in the value), pass 2 keeps only the bucket
+        that holds the threshold and selects it there.
+        """
+        counts: Tensor | None = None
         for _, task_vectors, _ in source():
-            if not magnitudes:
-                magnitudes = [[] for _ in range(task_vectors.shape[0])]
-            for t, tv in enumerate(task_vectors):
-                magnitudes[t].append(tv.abs().flatten())
+            buckets = _buckets(_magnitudes(task_vectors))
+            if counts is None:
+                counts = torch.zeros(buckets.shape[0], _NUM_BUCKETS, dtype=torch.int64)
+            for t, bucket in enumerate(buckets):
+                counts[t] += torch.bincount(bucket.flatten(), minlength=_NUM_BUCKETS).cpu()
+        if counts is None:
+            raise ValueError("TIES needs at least one merged tensor")
+        keep = [max(1, int(round(self.density * int(c.sum())))) for c in counts]
+        from_top = counts.flip(1).cumsum(1)  # entries at or above each bucket, highest bucket first
+        target = [_NUM_BUCKETS - 1 - int(torch.searchsorted(from_top[t], keep[t])) for t in range(len(keep))]
+        above = [int(from_top[t, _NUM_BUCKETS - 2 - b]) if b < _NUM_BUCKETS - 1 else 0 for t, b in enumerate(target)]
+        candidates: list[list[Tensor]] = [[] for _ in keep]
+        for _, task_vectors, _ in source():
+            magnitudes = _magnitudes(task_vectors)
+            for t, bucket in enumerate(_buckets(magnitudes)):
+                candidates[t].append(magnitudes[t][bucket == target[t]])
         thresholds = []
-        for values in magnitudes:
-            flat = torch.cat(values)
-            values.clear()
-            keep = max(1, int(round(self.density * flat.numel())))
-            thresholds.append(float(torch.topk(flat, keep, sorted=False).values.min()))
+        for t, values in enumerate(candidates):
+            inside = torch.cat(values)
+            thresholds.append(float(torch.topk(inside, keep[t] - above[t], sorted=False).values.min()))
         return Ties(density=self.density, thresholds=tuple(thresholds))
 
     def vectors(self, name: str, task_vectors: Tensor, is_matrix: bool) -> Tensor:
