@@ -78,8 +78,12 @@ def _finite(tensor: Tensor, where: str) -> Tensor:
     return tensor
 
 
-def _task_values(entry: Entry, sources: Sequence[Source]) -> list[Tensor]:
-    return [_finite(_lookup(s, entry), f"finetuned[{i}][{entry.name!r}]") for i, s in enumerate(sources)]
+def _task_values(entry: Entry, sources: Sequence[Source], like: Tensor, dtype: torch.dtype) -> Tensor:
+    """The tensor of every source stacked (T, *shape) in ``dtype``, read one source at a time (lazy sources)."""
+    values = torch.empty((len(sources), *like.shape), dtype=dtype, device=like.device)
+    for i, source in enumerate(sources):
+        values[i] = _finite(_lookup(source, entry), f"finetuned[{i}][{entry.name!r}]")
+    return values
 
 
 def _base_and_task_vectors(
@@ -88,7 +92,7 @@ def _base_and_task_vectors(
     """B and the task vectors θ_t − B of one tensor in float32 (float64 for float64 models), B in its parameter layout."""
     _finite(pretrained, f"pretrained[{entry.name!r}]")
     dtype = compute_dtype(pretrained.dtype)
-    values = torch.stack([v.to(device=pretrained.device, dtype=dtype) for v in _task_values(entry, sources)])
+    values = _task_values(entry, sources, pretrained, dtype)
     base = pretrained.to(dtype) if method.base == "pretrained" else values.mean(dim=0)
     return base, values.sub_(base)  # in place: the stack is a fresh copy, and one T-fold copy is enough
 
