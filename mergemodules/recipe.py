@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .build import check_sources
 from .methods import Method, get_method
 from .sources import MODEL_KINDS, build_model, open_checkpoint, shapes_of
-from .streaming import _check_weights
+from .streaming import check_weights
 from .targets import Entry, plan
 
 __all__ = ["Recipe", "ModelSpec", "CheckpointSpec", "AdaptSpec", "RecipeError", "load_recipe", "parse_recipe", "DTYPES"]
@@ -346,7 +346,7 @@ def check_recipe(recipe: Recipe) -> tuple[nn.Module, list[Entry]]:
     base = recipe.base_checkpoint()
     base_key: KeyPath = ("base",) if recipe.base is not None else ("model", "hf")
     try:
-        _check_weights(entries, shapes_of(base.open(recipe.dtype)), model)
+        check_weights(entries, shapes_of(base.open(recipe.dtype)), model)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
         raise recipe.error(base_key, f"{base.path}: {_message(err)}") from None
     for i, task in enumerate(recipe.tasks):

@@ -22,7 +22,7 @@ from .methods import Method, get_method
 from .sources import shapes_of, write_safetensors
 from .targets import Entry, Patterns, plan
 
-__all__ = ["fuse_streaming", "merge_to_state_dict", "save_fused_streaming"]
+__all__ = ["fuse_streaming", "merge_to_state_dict", "save_fused_streaming", "check_weights"]
 
 
 class _EntryValues(Mapping[str, Tensor]):
@@ -30,19 +30,19 @@ class _EntryValues(Mapping[str, Tensor]):
 
     def __init__(self, weights: Mapping[str, Tensor], entries: Sequence[Entry]) -> None:
         self.weights = weights
-        self.keys_ = {e.name: next(n for n in e.names if n in weights) for e in entries}
+        self.names = {e.name: next(n for n in e.names if n in weights) for e in entries}
 
     def __getitem__(self, name: str) -> Tensor:
-        return self.weights[self.keys_[name]]
+        return self.weights[self.names[name]]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.keys_)
+        return iter(self.names)
 
     def __len__(self) -> int:
-        return len(self.keys_)
+        return len(self.names)
 
 
-def _check_weights(entries: Sequence[Entry], weights: Mapping[str, Tensor], model: nn.Module) -> list[str]:
+def check_weights(entries: Sequence[Entry], weights: Mapping[str, Tensor], model: nn.Module) -> list[str]:
     """Check ``weights`` against the architecture; returns the buffer keys (state-dict keys that are no parameter)."""
     as_merged = [dataclasses.replace(e, merged=True) for e in entries]
     shapes = shapes_of(weights)
@@ -87,7 +87,7 @@ def fuse_streaming(
     sources = [as_source(item, i, pretrained) for i, item in enumerate(finetuned)]
     weights = pretrained.state_dict() if weights is None else weights
     entries = plan(pretrained, targets, exclude, matrices)
-    buffers = _check_weights(entries, weights, pretrained)
+    buffers = check_weights(entries, weights, pretrained)
     check_sources(entries, [shapes_of(s) for s in sources], set(pretrained.state_dict()))
     return _fused(entries, _EntryValues(weights, entries), weights, buffers, sources, method, progress)
 
