@@ -4,12 +4,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import yaml
@@ -21,12 +18,12 @@ from .methods import Method, get_method
 from .methods.ties import Ties
 from .methods.tsv import TaskSingularVectors
 from .recipe import Recipe, RecipeError, load_recipe
-from .sources import MODEL_KINDS, build_model, load_callable
+from .sources import MODEL_KINDS, build_model, load_callable, write_hf_folder
 from .streaming import save_fused_streaming
 from .surgery import merge
 from .targets import Entry, plan
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "memory_plan"]
 
 logger = logging.getLogger("mergemodules.cli")
 
@@ -72,25 +69,6 @@ def _check_output(out: Path, folder: bool, force: bool) -> None:
         raise CommandError(f"output folder {str(out.parent)!r} does not exist")
     if folder and out.exists() and not (out.is_dir() and force):
         raise CommandError(f"output {str(out)!r} exists; pass --force to replace it")
-
-
-def write_hf_folder(out: Path, model_folder: Path, write: Callable[[Path], None], force: bool = False) -> Path:
-    """A Hugging Face folder ``from_pretrained`` loads: the model folder's config and tokenizer files plus
-    the weights ``write(folder)`` puts there; built beside ``out`` and renamed into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        for item in model_folder.iterdir():
-            if item.is_file() and not item.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")) \
-                    and not item.name.endswith(".index.json"):
-                shutil.copy2(item, tmp / item.name)
-        write(tmp)
-        if out.exists() and force:
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def _real_model(recipe: Recipe, entries: Sequence[Entry]) -> nn.Module:

@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import struct
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -26,7 +28,7 @@ from .io import atomic_write
 
 __all__ = [
     "MODEL_KINDS", "build_model", "load_callable", "SafetensorsCheckpoint", "open_checkpoint",
-    "shapes_of", "hf_weight_files", "write_safetensors",
+    "shapes_of", "hf_weight_files", "write_safetensors", "write_hf_folder", "WEIGHT_SUFFIXES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".index.json")
 
 
 # ------------------------------------------------------------------------------------ architectures
@@ -368,3 +370,21 @@ def write_safetensors(
             raise KeyError(f"{str(path)!r}: {len(missing)} tensor(s) never written: {missing[:5]}")
 
     return atomic_write(path, write)
+
+
+def write_hf_folder(out: Path, model_folder: Path, write: Callable[[Path], None], force: bool = False) -> Path:
+    """A Hugging Face folder ``from_pretrained`` loads: the model folder's config and tokenizer files plus
+    the weights ``write(folder)`` puts there; built beside ``out`` and renamed into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for item in model_folder.iterdir():
+            if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(item, tmp / item.name)
+        write(tmp)
+        if out.exists() and force:
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
