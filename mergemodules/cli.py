@@ -288,6 +288,13 @@ def _report_plan(recipe: Recipe, entries: Sequence[Entry]) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def _verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="warnings and errors only, no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mergemodules`` command."""
     parser = argparse.ArgumentParser(
@@ -295,12 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tuned checkpoints of one pretrained model (Task Arithmetic, TIES, TSV-M, CART, "
                     "AdaMerging, AdaRank, AWD) from a YAML recipe; adapt, inspect and fuse.",
     )
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    _verbosity(parser, default=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _verbosity(common, default=argparse.SUPPRESS)  # also accepted after the command, e.g. `merge -v`
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("merge", help="static merge of a recipe into a fused safetensors file (or HF folder)",
+    p = sub.add_parser("merge", parents=[common], help="static merge of a recipe into a fused safetensors file (or HF folder)",
                        description="Merge the recipe's checkpoints with a static method, layer by layer from "
                                    "memory-mapped files, and write the fused weights under the base checkpoint's keys.")
     p.add_argument("recipe", help="YAML recipe (docs/recipes.md)")
@@ -310,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("adapt", help="merge with an adaptive method and adapt λ/ℓ by entropy minimisation",
+    p = sub.add_parser("adapt", parents=[common], help="merge with an adaptive method and adapt λ/ℓ by entropy minimisation",
                        description="Test-time adaptation (AdaMerging, CART++, AdaRank): the recipe's 'adapt.data' "
                                    "callable returns {task name: Task(unlabeled data, head)}.")
     p.add_argument("recipe", help="YAML recipe with an 'adapt' section")
@@ -322,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_adapt)
 
-    p = sub.add_parser("inspect", help="show which tensors are merged as matrices, their ranks and memory",
+    p = sub.add_parser("inspect", parents=[common], help="show which tensors are merged as matrices, their ranks and memory",
                        description="Print the merge plan of a recipe's model (or of --model): tensors merged as "
                                    "matrices, shapes, ranks a method keeps, memory of the merged model.")
     p.add_argument("recipe", nargs="?", help="YAML recipe (or use --model)")
@@ -333,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="list every tensor, not only the matrices")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("fuse", help="write the fused weights of a saved merge state",
+    p = sub.add_parser("fuse", parents=[common], help="write the fused weights of a saved merge state",
                        description="Rebuild a merged model from a merge state (save_merge_state) on the recipe's "
                                    "architecture and write its fused weights.")
     p.add_argument("merge_state", help="merge state file (.safetensors)")
