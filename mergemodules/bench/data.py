@@ -426,6 +426,46 @@ TEXT_TASKS: dict[str, Callable[[Sizes, int], TaskData]] = {
 }
 
 
+# zero-shot class descriptions for the text tasks (all-MiniLM-L6-v2 is a sentence-embedding model, so
+# cosine similarity to a description is a zero-shot classifier, the analogue of CLIP's zero-shot head)
+_DESCRIPTIONS = {
+    "songs-poems": "songs and poems", "startrek": "Star Trek", "kids": "children", "food": "food and eating",
+    "law": "law and lawyers", "sports": "sports", "medicine": "medicine and doctors",
+    "witze": "a joke", "zitate": "a quotation", "sprichworte": "a proverb", "computer": "computers",
+    "gedichte": "a poem", "murphy": "Murphy's law, things that go wrong", "stilblueten": "a funny blooper",
+    "letzteworte": "famous last words", "kinderzitate": "things children say", "wusstensie": "a surprising fact",
+    "language": "a programming language", "networking": "computer networks", "programming": "programming",
+    "jargon": "hacker slang", "operating system": "an operating system", "company": "a company",
+    "hardware": "computer hardware", "communications": "telecommunications", "mathematics": "mathematics",
+    "storage": "data storage",
+    "1": "a user command", "2": "a system call", "3": "a library function", "4": "a device file",
+    "5": "a file format", "7": "an overview or convention", "8": "a system administration command",
+    "act": "an act or action", "artifact": "a man-made object", "attribute": "a property or quality",
+    "cognition": "thought and knowledge", "communication": "communication and language", "group": "a group",
+    "location": "a place", "possession": "possessions and money", "state": "a state or condition",
+    "quantity": "a quantity or unit", "substance": "a substance or material", "phenomenon": "a natural phenomenon",
+    "change": "changing something", "contact": "touching", "creation": "making something",
+    "competition": "competing and fighting", "consumption": "eating and using", "perception": "perceiving",
+    "stative": "being or having", "social": "social interaction", "body": "the body",
+}
+
+
+def class_descriptions(task: TaskData) -> list[str]:
+    """One short English description per class (for zero-shot heads of the text tasks)."""
+    out = []
+    for c in task.classes:
+        key = c.split(".", 1)[1] if task.name.startswith("wordnet") else c
+        if task.name == "fortune_lang":
+            out.append(f"a sentence in {c.capitalize()}")
+        elif task.name.startswith("wordnet"):
+            out.append(f"{'a word' if task.name == 'wordnet_noun' else 'a verb'} about {_DESCRIPTIONS.get(key, key)}")
+        elif task.name == "manpage":
+            out.append(f"manual page of {_DESCRIPTIONS[key]}")
+        else:
+            out.append(_DESCRIPTIONS.get(key, key))
+    return out
+
+
 # --------------------------------------------------------------------------- vision tasks
 def _read_idx(path: str) -> np.ndarray:
     with gzip.open(path, "rb") as f:

@@ -107,13 +107,16 @@ def _section(md_path: str, key: str, body: str) -> None:
 
 
 def _zoo_table(zoo) -> str:
-    lines = ["| task | source (package: input -> label) | classes | train / val / tta / test | linear probe | fine-tuned (Individual) |",
-             "| --- | --- | ---: | --- | ---: | ---: |"]
+    def pct(d):
+        return "–" if not d else f"{100 * d['test']:.1f}"
+
+    lines = ["| task | source (package: input -> label) | classes | train / val / tta / test | zero-shot head | "
+             "linear probe | fine-tuned (Individual) |", "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
     for t in zoo.tasks:
         s = t.entry.get("sizes", {})
-        lp = t.entry.get("linear_probe_accuracy", {}).get("test", float("nan"))
         lines.append(f"| {t.name} | {t.data.source} | {len(t.data.classes)} | {s.get('train')} / {s.get('val')} / "
-                     f"{s.get('tta')} / {s.get('test')} | {100 * lp:.1f} | {100 * t.entry['accuracy']['test']:.1f} |")
+                     f"{s.get('tta')} / {s.get('test')} | {pct(t.entry.get('zero_shot_accuracy'))} | "
+                     f"{pct(t.entry.get('linear_probe_accuracy'))} | {pct(t.entry['accuracy'])} |")
     return "\n".join(lines)
 
 
@@ -175,8 +178,10 @@ def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None
                 "Accuracy (%) of the merged encoder with each task's own fine-tuned head on the held-out test split "
                 "(n = test examples per task). λ grids are scored on the labelled val split; TTA uses the unlabeled "
                 "tta split. `missing` = the library has no such method yet.", "",
-                table, "", "Zoo (fine-tuned from the same pretrained encoder; LP-FT recipe, "
-                f"{dataclasses.asdict(cfg.finetune)}):", "", _zoo_table(zoo), ""]
+                table, "", "Zoo: every model fine-tuned (encoder and head) from the same pretrained encoder, "
+                f"head initialised by {'a zero-shot head (class descriptions)' if cfg.finetune.head_init == 'zeroshot' else 'a linear probe'}; "
+                f"{dataclasses.asdict(cfg.finetune)}. Test accuracy (%) of the pretrained encoder with the initial heads, and of "
+                "the fine-tuned models:", "", _zoo_table(zoo), ""]
         if sweep:
             body += ["CART rank sweep (λ = 1, mean test accuracy): " + ", ".join(f"γ={r:g}: {100 * a:.1f}" for r, a in sweep), ""]
         for k, v in rel.items():

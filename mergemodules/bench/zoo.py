@@ -55,7 +55,8 @@ class FinetuneHP:
     batch_size: int
     lr: float
     weight_decay: float = 0.0
-    probe_c: float = 1.0  # inverse L2 strength of the linear-probe head initialisation
+    probe_c: float = 1.0  # inverse L2 strength of the linear probe
+    head_init: str = "probe"  # "probe" (linear probe) or "zeroshot" (class descriptions; text only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +192,20 @@ def linear_probe(feats: torch.Tensor, y: torch.Tensor, num_classes: int, c: floa
         W = torch.from_numpy(w) / std
         head.weight.copy_(W)
         head.bias.copy_(torch.from_numpy(b) - (W * mean).sum(1))
+    return head
+
+
+@torch.no_grad()
+def zero_shot_head(encoder: nn.Module, tokenizer, descriptions: list[str], max_len: int, train_feats: torch.Tensor,
+                   logit_scale: float = 50.0) -> nn.Linear:
+    """CLIP-style zero-shot head: logits = scale · ⟨f / mean‖f‖, e_c / ‖e_c‖⟩ with e_c the description's embedding."""
+    from .models import tokenize
+
+    emb = encode(encoder, tokenize(tokenizer, descriptions, max_len), 64)
+    emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    head = nn.Linear(emb.shape[1], emb.shape[0])
+    head.weight.copy_(emb * (logit_scale / train_feats.norm(dim=1).mean().clamp_min(1e-6)))
+    head.bias.zero_()
     return head
 
 
@@ -383,6 +398,15 @@ def build_zoo(cfg: SuiteConfig, cache_dir: str | None = None, *, rebuild: bool =
             head = linear_probe(feats, ys["train"], td.num_classes, cfg.finetune.probe_c, seed)
             probe_val = accuracy(pretrained, head, xs["val"], ys["val"], cfg.eval_batch_size)
             probe_test = accuracy(pretrained, head, xs["test"], ys["test"], cfg.eval_batch_size)
+            init_acc = None
+            if cfg.finetune.head_init == "zeroshot":
+                if cfg.suite != "text":
+                    raise ValueError("head_init='zeroshot' needs class descriptions: text suite only")
+                head = zero_shot_head(pretrained, tokenizer, bdata.class_descriptions(td), cfg.max_len, feats)
+                init_acc = {"val": accuracy(pretrained, head, xs["val"], ys["val"], cfg.eval_batch_size),
+                            "test": accuracy(pretrained, head, xs["test"], ys["test"], cfg.eval_batch_size)}
+            elif cfg.finetune.head_init != "probe":
+                raise ValueError(f"head_init={cfg.finetune.head_init!r}: 'probe' or 'zeroshot'")
             losses = finetune(encoder, head, xs["train"], ys["train"], cfg.finetune, seed, desc=f"fine-tune {name}")
             acc = {"val": accuracy(encoder, head, xs["val"], ys["val"], cfg.eval_batch_size),
                    "test": accuracy(encoder, head, xs["test"], ys["test"], cfg.eval_batch_size)}
@@ -396,13 +420,15 @@ def build_zoo(cfg: SuiteConfig, cache_dir: str | None = None, *, rebuild: bool =
                 "pretrained_sha256": pre_sha, "data_sha256": fingerprint, "source": td.source,
                 "classes": td.classes, "sizes": {s: len(getattr(td, s)) for s in ("train", "val", "tta", "test")},
                 "accuracy": acc, "linear_probe_accuracy": {"val": probe_val, "test": probe_test},
+                "zero_shot_accuracy": init_acc,
                 "final_loss": float(np.mean(losses[-10:])), "seconds": round(time.time() - t0, 1),
             }
             manifest["tasks"][ekey] = entry
             save_manifest()
             rebuilt.append(name)
-            logger.info("zoo: %s: built in %.0fs; linear probe %.4f -> fine-tuned %.4f (test, n=%d)", name,
-                        entry["seconds"], probe_test, acc["test"], len(ys["test"]))
+            logger.info("zoo: %s: built in %.0fs; zero-shot %s, linear probe %.4f -> fine-tuned %.4f (test, n=%d)",
+                        name, entry["seconds"], "-" if init_acc is None else f"{init_acc['test']:.4f}", probe_test,
+                        acc["test"], len(ys["test"]))
         encoder.eval()
         for p in list(encoder.parameters()) + list(head.parameters()):
             p.requires_grad_(False)

@@ -28,7 +28,7 @@ def _text_available() -> bool:
 
 
 def tiny_text_config(**kw) -> Z.SuiteConfig:
-    return Z.SuiteConfig("text", TEXT_TASKS, D.Sizes(48, 24, 16, 48), Z.FinetuneHP(6, 16, 2e-3), max_len=24,
+    return Z.SuiteConfig("text", TEXT_TASKS, D.Sizes(48, 24, 16, 48), Z.FinetuneHP(6, 16, 2e-3, head_init="zeroshot"), max_len=24,
                          text_model=M.TextModelSpec("tiny", hidden=16, layers=1, heads=2), **kw)
 
 
@@ -62,7 +62,8 @@ def test_zoo_manifest_reuse_and_corruption(text_zoo, caplog):
     assert sorted(e["task"] for e in entries.values()) == sorted(TEXT_TASKS)
     for e in entries.values():
         assert len(e["sha256"]) == 64 and Z.sha256_file(os.path.join(zoo.directory, e["file"])) == e["sha256"]
-        assert {"seed", "hparams", "accuracy", "data_sha256", "linear_probe_accuracy"} <= set(e)
+        assert {"seed", "hparams", "accuracy", "data_sha256", "linear_probe_accuracy", "zero_shot_accuracy"} <= set(e)
+        assert e["zero_shot_accuracy"]["test"] >= 0.0
     # a second run reuses everything
     again = Z.build_zoo(tiny_text_config(), cache)
     assert again.rebuilt == []
