@@ -64,7 +64,6 @@ class CheckpointSpec:
 
     path: Path
     key: str | None = None
-    where: str = ""  # "recipe.yaml:7: tasks[1]" for messages
 
     def open(self, dtype: torch.dtype | None = None, device: str = "cpu") -> Mapping[str, Tensor]:
         """The lazy name → tensor mapping of the checkpoint."""
@@ -117,7 +116,7 @@ class Recipe:
 
     def base_checkpoint(self) -> CheckpointSpec:
         """The pretrained weights: ``base``, or the Hugging Face model folder itself."""
-        return self.base if self.base is not None else CheckpointSpec(self.folder / self.model.name, None, "model.hf")
+        return self.base if self.base is not None else CheckpointSpec(self.folder / self.model.name)
 
     def error(self, key: KeyPath, message: str) -> RecipeError:
         """A RecipeError pointing at ``key``."""
@@ -237,9 +236,8 @@ class _Parser:
             entry = spec.get("key")
             if entry is not None:
                 self.typed(entry, key + ("key",), str, "the name of the entry holding the state dict")
-            return CheckpointSpec(path, entry, _located(self.path, self.lines, key, "").rstrip(": "))
-        path = self.file(value, key, folder_ok=True)
-        return CheckpointSpec(path, None, _located(self.path, self.lines, key, "").rstrip(": "))
+            return CheckpointSpec(path, entry)
+        return CheckpointSpec(self.file(value, key, folder_ok=True))
 
     def patterns(self, value: Any, key: KeyPath) -> str | list[str] | None:
         if value is None or isinstance(value, str):
