@@ -14,6 +14,7 @@ The accuracy check compares, on the same matrices, the energy the randomised fac
 (Σ σ̃², equal to ‖Ũᵀ·A‖²_F) with the optimal top-k energy of the exact SVD.
 
     nice python benchmarks/bench_construction.py            # ViT-B-32 blocks, T = 8, 2 blocks
+    nice python benchmarks/bench_construction.py --tuning   # accuracy of oversample / power-iteration settings
 """
 from __future__ import annotations
 
@@ -58,6 +59,26 @@ def energy_ratios(fast: dict, exact: dict) -> Tensor:
     return torch.cat(ratios)
 
 
+def tuning_table(k: int = 62, shape: tuple[int, int] = (3072, 768), matrices: int = 2) -> str:
+    """Captured / optimal top-k energy (min over ``matrices``) for spectra i^(−p) and SVD settings."""
+    from common import synthetic_task_vector
+    from mergemodules.decompose import truncated_svd
+
+    gen = torch.Generator().manual_seed(0)
+    powers = (1.0, 0.5, 0.3)
+    settings = [(10, 1), (10, 2), (10, 3), (20, 3), (40, 3)]
+    mats = {p: torch.stack([synthetic_task_vector(shape, gen, power=p) for _ in range(matrices)]) for p in powers}
+    optimal = {p: torch.linalg.svdvals(A)[:, :k].pow(2).sum(-1) for p, A in mats.items()}
+    rows = []
+    for oversample, iters in settings:
+        cells = []
+        for p, A in mats.items():
+            S = truncated_svd(A, k, method="randomized", oversample=oversample, power_iters=iters).S
+            cells.append(f"{(S.pow(2).sum(-1) / optimal[p]).min():.4f}")
+        rows.append([oversample, iters, *cells])
+    return markdown_table(["oversample", "power iterations", *(f"p = {p}" for p in powers)], rows)
+
+
 def main() -> None:
     """Time the variants side by side and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -67,8 +88,13 @@ def main() -> None:
     parser.add_argument("--rank", type=float, default=0.08, help="CART's γ")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tuning", action="store_true", help="only the accuracy table of the SVD settings")
     args = parser.parse_args()
     setup_threads(args.threads)
+    if args.tuning:
+        print(f"# randomised top-62 of 3072×768 matrices with spectrum i^(−p): captured / optimal energy; {machine()}")
+        print(tuning_table())
+        return
 
     pretrained = vision_tower(args.arch, args.layers)
     zoo = finetuned_zoo(pretrained, args.tasks)

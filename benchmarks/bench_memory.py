@@ -1,6 +1,7 @@
 """Memory: what a merged model stores, and the peak RSS of building, of a TTA step and of fusing.
 
-Each (method, depth) runs in a fresh subprocess. Inside it, the peak RSS is reset (Linux
+Each (method, depth) runs in a fresh subprocess; ``plain`` is the unmerged model's forward+backward
+(its activations are what every TTA step needs too). Inside it, the peak RSS is reset (Linux
 ``/proc/self/clear_refs``) before each stage, so every stage reports its own peak; "extra" is that
 peak minus the RSS before the stage (the fine-tuned state dicts, built before the build stage and
 freed after it, are in the build stage's starting RSS). Every quantity is linear in the number of
@@ -21,7 +22,10 @@ import torch
 from common import (ARCHS, GIB, MIB, entropy_loss, finetuned_zoo, heads, images, machine, markdown_table,
                     peak_rss_bytes, reset_peak_rss, rss_bytes, setup_threads, vision_tower)
 
-METHODS = {"cart": "CART γ=0.08 (static)", "adarank_ta": "TA+AdaRank (full rank)", "adarank_cart": "CART+AdaRank (full rank)"}
+METHODS = {
+    "plain": "plain model (no merge)", "cart": "CART γ=0.08 (static)",
+    "adarank_ta": "TA+AdaRank (full rank)", "adarank_cart": "CART+AdaRank (full rank)",
+}
 
 
 def storage(merged) -> dict[str, int]:
@@ -49,11 +53,11 @@ def child(method: str, arch: str, layers: int, tasks: int, per_task: int) -> dic
     result = {"dense_task_vectors": dense_vectors}
     start = rss_bytes()
     reset_peak_rss()
-    merged = merge(pretrained, zoo, method).train()
+    merged = pretrained.train() if method == "plain" else merge(pretrained, zoo, method).train()
     result["build_peak"], result["build_extra"] = peak_rss_bytes(), peak_rss_bytes() - start
     del zoo
     gc.collect()
-    result.update(storage(merged))
+    result.update(storage(merged) if method != "plain" else {"base": 0, "factors": 0, "deltas": 0, "parameters": 0})
     setup_threads(2)
     task_heads = heads(tasks, pretrained.output_dim)
     x = torch.cat(images(tasks, per_task, pretrained.image_size[0]))
@@ -66,7 +70,7 @@ def child(method: str, arch: str, layers: int, tasks: int, per_task: int) -> dic
     gc.collect()
     start = rss_bytes()
     reset_peak_rss()
-    fused = merged.fuse()
+    fused = merged.fuse() if method != "plain" else None
     result["fuse_peak"], result["fuse_extra"] = peak_rss_bytes(), peak_rss_bytes() - start
     del fused
     return result
@@ -106,6 +110,10 @@ def main() -> None:
     for method in args.methods.split(","):
         full = extrapolate(runs[method, low_layers], runs[method, high_layers], low_layers, high_layers, full_layers)
         term = full["factors"] + full["deltas"]
+        if method == "plain":
+            rows.append([METHODS[method]] + ["–"] * 6 + [f"{full['build_peak'] / GIB:.2f} (model + fine-tuned)",
+                                                         f"{full['step_peak'] / GIB:.2f} (+{full['step_extra'] / GIB:.2f})", "–"])
+            continue
         rows.append([
             METHODS.get(method, method), f"{full['base'] / GIB:.3f}", f"{full['factors'] / GIB:.3f}", f"{full['deltas'] / GIB:.3f}",
             f"{full['parameters'] / MIB:.2f}", f"{(term + full['parameters']) / max(full['factors'], 1):.3f}",

@@ -3,13 +3,15 @@
 Every cost of a ViT tower is a fixed part (patch embedding, final projection) plus the same cost per
 block, so one block is measured and the tower extrapolated: q(L) = q(0) + L·(q(1) − q(0)).
 
-* construction: ``merge(..., "cart")`` (γ = 0.08, batched randomised SVD) of towers with 0 and 1 blocks;
+* construction: ``merge(..., "cart")`` (γ = 0.08, batched randomised SVD), the block's tensors and the
+  others (``targets``/``exclude``) timed separately on a one-block tower;
 * memory: exact byte counts from the shapes: base, CART's U/σ/V (γ = 0.08), CART+AdaRank's
   full-rank U/σ/V, and the T dense task vectors of the public code;
 * step time: a TTA step of T×16 images is the plain model's forward+backward (measured per image on
   towers with 0 and 1 blocks) plus, per block, the merged weights' own work: materialising the 4
   CART+AdaRank weights (top 8% of full-rank factors switched on) and their backward (measured on
-  weights with random factors of the right shapes: the cost depends on shapes only).
+  weights with random factors of the right shapes: the cost depends on shapes only), and the same for
+  the public AdaRank code's rebuild (task by task, every component, autograd).
 
     nice python benchmarks/bench_scaling.py                  # writes benchmarks/plots/step_time_vs_T.png
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import torch
 from torch import nn
@@ -53,13 +54,14 @@ def factor_bytes(shapes: list[tuple[int, int]], tasks: int, rank: float | None) 
     return total
 
 
-def construction_seconds(arch: str, layers: int, tasks: int) -> float:
-    """Seconds of ``merge(..., "cart")`` on a tower with ``layers`` blocks (one run)."""
-    tower = vision_tower(arch, layers)
+def construction_seconds(arch: str, tasks: int, repeat: int) -> tuple[float, float]:
+    """Seconds of ``merge(..., "cart")`` of the fixed part and of one block, measured separately."""
+    tower = vision_tower(arch, 1)
     zoo = finetuned_zoo(tower, tasks)
-    start = time.perf_counter()
-    merge(tower, zoo, "cart")
-    return time.perf_counter() - start
+    blocks = ["transformer.resblocks.*"]
+    stem = median_time(lambda: merge(tower, zoo, "cart", exclude=blocks), repeat, warmup=0)
+    block = median_time(lambda: merge(tower, zoo, "cart", targets=blocks), repeat, warmup=0)
+    return stem, block
 
 
 def plain_seconds_per_image(arch: str, layers: int, batch: int, repeat: int) -> float:
@@ -75,24 +77,42 @@ def plain_seconds_per_image(arch: str, layers: int, batch: int, repeat: int) -> 
     return median_time(step, repeat) / batch
 
 
-def merged_block_seconds(width: int, tasks: int, repeat: int) -> float:
-    """Materialise + backward of one block's 4 CART+AdaRank weights (full rank stored, top 8% on)."""
+def block_weights(width: int, tasks: int) -> list[tuple[MergedWeight, torch.Tensor]]:
+    """One block's 4 CART+AdaRank weights (random full-rank factors, top 8% on) and a weight gradient each."""
     gen = torch.Generator().manual_seed(0)
-    weights, grads = [], []
-    for out, inp in block_matrices(width):
-        k = min(out, inp)
-        on = resolve_rank(GAMMA, (out, inp))
+    out = []
+    for rows, cols in block_matrices(width):
+        k = min(rows, cols)
         logits = torch.full((tasks, k), -0.1)
-        logits[:, :on] = 0.1
-        weights.append(MergedWeight(
-            torch.randn(out, inp, generator=gen), U=torch.randn(tasks, out, k, generator=gen) / out**0.5,
-            S=torch.rand(tasks, k, generator=gen), V=torch.randn(tasks, inp, k, generator=gen) / inp**0.5,
-            coef=nn.Parameter(torch.ones(tasks)), mask_logits=nn.Parameter(logits)))
-        grads.append(torch.randn(out, inp, generator=gen))
+        logits[:, :resolve_rank(GAMMA, (rows, cols))] = 0.1
+        weight = MergedWeight(
+            torch.randn(rows, cols, generator=gen), U=torch.randn(tasks, rows, k, generator=gen) / rows**0.5,
+            S=torch.rand(tasks, k, generator=gen), V=torch.randn(tasks, cols, k, generator=gen) / cols**0.5,
+            coef=nn.Parameter(torch.ones(tasks)), mask_logits=nn.Parameter(logits))
+        out.append((weight, torch.randn(rows, cols, generator=gen)))
+    return out
+
+
+def merged_block_seconds(weights: list[tuple[MergedWeight, torch.Tensor]], repeat: int) -> float:
+    """Materialise + backward of one block's merged weights, as mergemodules does it."""
 
     def run():
-        for w, g in zip(weights, grads):
+        for w, g in weights:
             w().backward(g)
+
+    return median_time(run, repeat)
+
+
+def reference_block_seconds(weights: list[tuple[MergedWeight, torch.Tensor]], repeat: int) -> float:
+    """The same weights rebuilt as the public AdaRank code does: task by task, every component multiplied."""
+
+    def run():
+        for w, g in weights:
+            masks = w.masks()
+            value = w.base
+            for t in range(w.num_tasks):
+                value = value + w.coef[t] * ((w.U[t] * (masks[t] * w.S[t])) @ w.V[t].t())
+            value.backward(g)
 
     return median_time(run, repeat)
 
@@ -112,6 +132,7 @@ def plot(rows: list[dict], path: str) -> None:
         Ts = [r["T"] for r in sel]
         ax.plot(Ts, [r["plain_step"] for r in sel], marker=marker, linestyle="--", label=f"{arch} plain fwd+bwd")
         ax.plot(Ts, [r["merged_step"] for r in sel], marker=marker, label=f"{arch} CART+AdaRank (mergemodules)")
+        ax.plot(Ts, [r["reference_step"] for r in sel], marker=marker, linestyle=":", label=f"{arch} reference AdaRank")
     ax.set_xlabel("tasks T (16 images each)")
     ax.set_ylabel("seconds per TTA step (2 CPU threads)")
     ax.set_yscale("log")
@@ -150,24 +171,27 @@ def main() -> None:
         base_bytes = sum(p.numel() * 4 for p in vision_tower(arch, 1).parameters()) + (layers - 1) * sum(
             p.numel() * 4 for p in vision_tower(arch, 1).transformer.resblocks[0].parameters())
         for T in task_counts:
-            c0 = construction_seconds(arch, 0, T)
-            c1 = construction_seconds(arch, 1, T)
+            c_stem, c_block = construction_seconds(arch, T, args.repeat)
             images_per_step = T * args.per_task
             plain = images_per_step * (stem_img + layers * block_img)
-            merged = plain + layers * merged_block_seconds(width, T, args.repeat)
+            weights = block_weights(width, T)
+            merged = plain + layers * merged_block_seconds(weights, args.repeat)
+            reference = plain + layers * reference_block_seconds(weights, args.repeat)
+            del weights
             rows.append({
-                "arch": arch, "T": T, "construction": c0 + layers * (c1 - c0),
+                "arch": arch, "T": T, "construction": c_stem + layers * c_block,
                 "base": base_bytes, "cart": factor_bytes(shapes, T, GAMMA), "full": factor_bytes(shapes, T, None),
-                "dense": T * dense_params * 4, "plain_step": plain, "merged_step": merged,
+                "dense": T * dense_params * 4, "plain_step": plain, "merged_step": merged, "reference_step": reference,
             })
             print(f"{arch} T={T}: done", flush=True)
     print(f"# Scaling (one block measured, extrapolated to the tower); {machine()}; TTA step = T × {args.per_task} images")
     print(markdown_table(
         ["arch", "T", "CART construction s", "base B GiB", "CART U/σ/V GiB", "CART+AdaRank full U/σ/V GiB",
-         "dense τ GiB", "plain step s", "CART+AdaRank step s", "ratio"],
+         "dense τ GiB", "plain step s", "CART+AdaRank step s", "ratio", "reference AdaRank step s", "ratio"],
         [[r["arch"], r["T"], f"{r['construction']:.1f}", f"{r['base'] / GIB:.2f}", f"{r['cart'] / GIB:.2f}",
           f"{r['full'] / GIB:.2f}", f"{r['dense'] / GIB:.2f}", f"{r['plain_step']:.1f}", f"{r['merged_step']:.1f}",
-          f"{r['merged_step'] / r['plain_step']:.2f}"] for r in rows]))
+          f"{r['merged_step'] / r['plain_step']:.2f}", f"{r['reference_step']:.1f}",
+          f"{r['reference_step'] / r['plain_step']:.2f}"] for r in rows]))
     plot(rows, args.plot)
     print(f"\nplot: {args.plot}")
 

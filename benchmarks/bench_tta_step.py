@@ -2,7 +2,8 @@
 
 Variants, timed interleaved on the same batches (T tasks × ``--per-task`` images):
 
-* ``plain``: forward + backward of the unmerged model (every weight gets its gradient);
+* ``plain``: forward + backward of the unmerged model (every weight gets its gradient), on the
+  concatenated batch and task by task;
 * ``mergemodules``: ``merge(..., "adarank_cart")`` (full-rank factors stored, top 8% switched on),
   all tasks' batches concatenated in one call; every merged weight is materialised once per step
   (W = B + U·diag(λ·m·σ)·Vᵀ over the switched-on components, one GEMM) and the straight-through
@@ -146,6 +147,7 @@ def main() -> None:
     variants = {
         "plain tower without blocks (stem)": lambda: step(stem),
         "plain forward+backward": lambda: step(plain),
+        "plain, per task": lambda: per_task_step(plain),
         "mergemodules (concatenated batch)": lambda: step(merged),
         "mergemodules (per task, one weight_cache)": lambda: per_task_step(merged),
     }
