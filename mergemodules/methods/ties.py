@@ -12,6 +12,7 @@ __all__ = ["Ties"]
 
 _BUCKET_BITS = 16
 _NUM_BUCKETS = 2**_BUCKET_BITS
+_CHUNK = 2**18  # entries merged at a time by Ties.vectors
 
 
 def _magnitudes(task_vectors: Tensor) -> Tensor:
@@ -73,14 +74,24 @@ class Ties(Transform):
         return Ties(density=self.density, thresholds=tuple(thresholds))
 
     def vectors(self, name: str, task_vectors: Tensor, is_matrix: bool) -> Tensor:
-        """The disjoint mean of the trimmed, sign-elected task vectors, shape (1, *shape)."""
+        """The disjoint mean of the trimmed, sign-elected task vectors, shape (1, *shape).
+
+        Every entry is merged independently, so the work runs over chunks of ``_CHUNK`` entries:
+        the temporaries are T chunks, not T copies of the tensor.
+        """
         if len(self.thresholds) != task_vectors.shape[0]:
             raise RuntimeError("Ties.vectors needs the thresholds computed by Ties.fit")
-        shape = (-1,) + (1,) * (task_vectors.dim() - 1)
-        thresholds = torch.tensor(self.thresholds, dtype=task_vectors.dtype).view(shape)
-        trimmed = torch.where(task_vectors.abs() >= thresholds, task_vectors, torch.zeros_like(task_vectors))
-        elected = torch.sign(trimmed.sum(dim=0))
-        agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-        total = (trimmed * agree).sum(dim=0)
-        count = agree.sum(dim=0).clamp(min=1)
-        return (total / count).unsqueeze(0)
+        thresholds = torch.tensor(self.thresholds, dtype=task_vectors.dtype, device=task_vectors.device)[:, None]
+        flat = task_vectors.reshape(task_vectors.shape[0], -1)
+        merged = torch.cat([_disjoint_mean(chunk, thresholds) for chunk in flat.split(_CHUNK, dim=1)], dim=0)
+        return merged.view(1, *task_vectors.shape[1:])
+
+
+def _disjoint_mean(task_vectors: Tensor, thresholds: Tensor) -> Tensor:
+    """TIES on (T, n) entries: trim below each task's threshold, elect the sign of the sum, average the agreeing."""
+    trimmed = torch.where(task_vectors.abs() >= thresholds, task_vectors, torch.zeros_like(task_vectors))
+    elected = torch.sign(trimmed.sum(dim=0))
+    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    total = (trimmed * agree).sum(dim=0)
+    count = agree.sum(dim=0).clamp(min=1)
+    return total / count

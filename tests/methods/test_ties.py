@@ -50,3 +50,13 @@ def test_fit_reads_the_task_vectors_twice_and_keeps_none() -> None:
     fitted = Ties(density=0.5).fit(source)
     assert len(calls) == 2
     assert fitted.thresholds == (3.0, 4.0)  # |τ_0| = 5,4,3,2,1,0 → 3rd largest 3; |τ_1| = 1..6 → 4
+
+
+def test_vectors_in_chunks_equal_the_whole_tensor_at_once(monkeypatch):
+    from mergemodules.methods import ties
+
+    task_vectors = torch.randn(3, 37, 11)
+    fitted = ties.Ties(density=0.3, thresholds=(0.2, 0.9, 1.4))
+    whole = fitted.vectors("w", task_vectors, True)
+    monkeypatch.setattr(ties, "_CHUNK", 50)
+    assert torch.equal(fitted.vectors("w", task_vectors, True), whole)
