@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", default=None, help="directory for the plots (e.g. benchmarks/plots)")
     p.add_argument("--json", default=None, help="directory for the raw results as JSON (default: the zoo directory)")
     p.add_argument("--methods", default=None, help="comma-separated row labels to run (default: all)")
+    p.add_argument("--tta-steps", type=int, default=None, help="override the preset's test-time adaptation steps")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice, or 1 when the load average exceeds the cores: "
                         "on a shared machine one thread is several times faster than threads that spin-wait)")
@@ -63,10 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for suite in suites:
         cfg, rc = presets.get(suite, full=args.full)
+        preset = "full" if args.full else "default"
         if args.methods:
             rc = presets.replace(rc, rows=tuple(m.strip() for m in args.methods.split(",")))
+            preset += "-subset"
+        if args.tta_steps is not None:
+            rc = presets.replace(rc, tta_steps=args.tta_steps)
+            preset += f"-tta{args.tta_steps}"
         out = run_suite(cfg, rc, cache_dir=args.cache, rebuild=args.rebuild, results_md=args.results,
-                        plots_dir=args.plots, json_dir=args.json, command=command.strip(), preset="full" if args.full else "default")
+                        plots_dir=args.plots, json_dir=args.json, command=command.strip(), preset=preset)
         print()
         print(f"## {suite} suite ({'full' if args.full else 'reduced default'}): accuracy (%) on held-out test data")
         print(out["table"])

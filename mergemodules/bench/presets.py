@@ -30,13 +30,13 @@ def get(suite: str, *, full: bool = False) -> tuple[SuiteConfig, RunConfig]:
     if suite == "vision":
         if full:
             cfg = SuiteConfig("vision", VISION_TASKS, Sizes(train=3000, val=200, tta=128, test=1000),
-                              FinetuneHP(steps=300, batch_size=64, lr=5e-4, weight_decay=0.01),
+                              FinetuneHP(steps=600, batch_size=64, lr=1e-3, weight_decay=0.01, head_init="prototype"),
                               vision_model=VisionModelSpec(width=128, layers=4, heads=4, patch_size=4, output_dim=128),
                               pretrain=PretrainHP(examples=40000, steps=1500, batch_size=128))
             rc = RunConfig(tta_steps=100, awd_steps=500, awd_alphas=AWD_ALPHA_GRID, cart_ranks=CART_RANKS)
         else:
             cfg = SuiteConfig("vision", VISION_TASKS, Sizes(train=1000, val=100, tta=64, test=500),
-                              FinetuneHP(steps=150, batch_size=64, lr=5e-4, weight_decay=0.01),
+                              FinetuneHP(steps=300, batch_size=64, lr=1e-3, weight_decay=0.01, head_init="prototype"),
                               vision_model=VisionModelSpec(width=96, layers=3, heads=4, patch_size=7, output_dim=96),
                               pretrain=PretrainHP(examples=12000, steps=600, batch_size=128))
             rc = RunConfig(tta_steps=20, awd_steps=100, cart_ranks=(0.02, 0.08, 0.32, 1.0))

@@ -106,11 +106,15 @@ def _section(md_path: str, key: str, body: str) -> None:
     atomic_write(md_path, write)
 
 
+HEAD_INIT = {"zeroshot": "a zero-shot head (class descriptions)", "probe": "a linear probe",
+             "prototype": "a {shots}-shot prototype head (class means of {shots} train examples)"}
+
+
 def _zoo_table(zoo) -> str:
     def pct(d):
         return "–" if not d else f"{100 * d['test']:.1f}"
 
-    lines = ["| task | source (package: input -> label) | classes | train / val / tta / test | zero-shot head | "
+    lines = ["| task | source (package: input -> label) | classes | train / val / tta / test | initial head (zero-shot / few-shot) | "
              "linear probe | fine-tuned (Individual) |", "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
     for t in zoo.tasks:
         s = t.entry.get("sizes", {})
@@ -169,7 +173,8 @@ def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None
     if results_md:
         md_dir = os.path.dirname(os.path.abspath(results_md))
         rel = {k: os.path.relpath(os.path.abspath(v), md_dir) for k, v in plots.items()}
-        body = [f"## Benchmark: {cfg.suite} suite ({'full' if preset == 'full' else 'reduced default'})", "",
+        title = {"full": "full", "default": "reduced default"}.get(preset, preset)
+        body = [f"## Benchmark: {cfg.suite} suite ({title})", "",
                 f"`{command}` — {extra['date']}; {machine_line()}.",
                 f"Wall time {total:.0f} s (zoo {built}: {t_zoo:.0f} s; methods and plots {total - t_zoo:.0f} s), "
                 f"CPU time {cpu:.0f} s; "
@@ -179,7 +184,7 @@ def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None
                 "(n = test examples per task). λ grids are scored on the labelled val split; TTA uses the unlabeled "
                 "tta split. `missing` = the library has no such method yet.", "",
                 table, "", "Zoo: every model fine-tuned (encoder and head) from the same pretrained encoder, "
-                f"head initialised by {'a zero-shot head (class descriptions)' if cfg.finetune.head_init == 'zeroshot' else 'a linear probe'}; "
+                f"head initialised by {HEAD_INIT[cfg.finetune.head_init].format(shots=cfg.finetune.shots)}; "
                 f"{dataclasses.asdict(cfg.finetune)}. Test accuracy (%) of the pretrained encoder with the initial heads, and of "
                 "the fine-tuned models:", "", _zoo_table(zoo), ""]
         if sweep:

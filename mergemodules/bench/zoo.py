@@ -56,7 +56,9 @@ class FinetuneHP:
     lr: float
     weight_decay: float = 0.0
     probe_c: float = 1.0  # inverse L2 strength of the linear probe
-    head_init: str = "probe"  # "probe" (linear probe) or "zeroshot" (class descriptions; text only)
+    head_init: str = "probe"  # "probe" (linear probe), "zeroshot" (class descriptions; text only) or
+    # "prototype" (cosine to the mean feature of the first ``shots`` train examples of each class)
+    shots: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +207,22 @@ def zero_shot_head(encoder: nn.Module, tokenizer, descriptions: list[str], max_l
     emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-6)
     head = nn.Linear(emb.shape[1], emb.shape[0])
     head.weight.copy_(emb * (logit_scale / train_feats.norm(dim=1).mean().clamp_min(1e-6)))
+    head.bias.zero_()
+    return head
+
+
+@torch.no_grad()
+def prototype_head(train_feats: torch.Tensor, y: torch.Tensor, num_classes: int, shots: int,
+                   logit_scale: float = 50.0) -> nn.Linear:
+    """Few-shot head: row c = the normalised mean feature of the first ``shots`` train examples of class c."""
+    w = torch.zeros(num_classes, train_feats.shape[1])
+    for c in range(num_classes):
+        f = train_feats[y == c][:shots]
+        if len(f):
+            m = f.mean(0)
+            w[c] = m / m.norm().clamp_min(1e-6)
+    head = nn.Linear(train_feats.shape[1], num_classes)
+    head.weight.copy_(w * (logit_scale / train_feats.norm(dim=1).mean().clamp_min(1e-6)))
     head.bias.zero_()
     return head
 
@@ -405,8 +423,12 @@ def build_zoo(cfg: SuiteConfig, cache_dir: str | None = None, *, rebuild: bool =
                 head = zero_shot_head(pretrained, tokenizer, bdata.class_descriptions(td), cfg.max_len, feats)
                 init_acc = {"val": accuracy(pretrained, head, xs["val"], ys["val"], cfg.eval_batch_size),
                             "test": accuracy(pretrained, head, xs["test"], ys["test"], cfg.eval_batch_size)}
+            elif cfg.finetune.head_init == "prototype":
+                head = prototype_head(feats, ys["train"], td.num_classes, cfg.finetune.shots)
+                init_acc = {"val": accuracy(pretrained, head, xs["val"], ys["val"], cfg.eval_batch_size),
+                            "test": accuracy(pretrained, head, xs["test"], ys["test"], cfg.eval_batch_size)}
             elif cfg.finetune.head_init != "probe":
-                raise ValueError(f"head_init={cfg.finetune.head_init!r}: 'probe' or 'zeroshot'")
+                raise ValueError(f"head_init={cfg.finetune.head_init!r}: 'probe', 'zeroshot' or 'prototype'")
             losses = finetune(encoder, head, xs["train"], ys["train"], cfg.finetune, seed, desc=f"fine-tune {name}")
             acc = {"val": accuracy(encoder, head, xs["val"], ys["val"], cfg.eval_batch_size),
                    "test": accuracy(encoder, head, xs["test"], ys["test"], cfg.eval_batch_size)}

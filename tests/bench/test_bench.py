@@ -33,7 +33,8 @@ def tiny_text_config(**kw) -> Z.SuiteConfig:
 
 
 def tiny_vision_config() -> Z.SuiteConfig:
-    return Z.SuiteConfig("vision", ("digits", "mnist"), D.Sizes(48, 24, 16, 48), Z.FinetuneHP(6, 16, 2e-3),
+    return Z.SuiteConfig("vision", ("digits", "mnist"), D.Sizes(48, 24, 16, 48),
+                         Z.FinetuneHP(6, 16, 2e-3, head_init="prototype", shots=3),
                          vision_model=M.VisionModelSpec(width=16, layers=1, heads=2, output_dim=16),
                          pretrain=Z.PretrainHP(examples=64, steps=3, batch_size=16))
 
