@@ -69,6 +69,9 @@ ROWS: tuple[Row, ...] = (
 )
 
 
+KEEP_FOR_PLOTS = ("TA+AdaRank", "CART+AdaRank")  # merged models handed back for the mask plot (memory)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     tta_steps: int = 40
@@ -223,7 +226,7 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
                 res.val = best[1]
             fused = _fused(merged)
             res.test = _evaluate(zoo, fused, "test", bs)
-            if keep is not None:
+            if keep is not None and row.label in KEEP_FOR_PLOTS:
                 keep[row.label] = merged
     except MissingMethod as e:
         res.status, res.note = "missing", str(e)
