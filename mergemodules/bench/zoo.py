@@ -393,6 +393,8 @@ def build_zoo(cfg: SuiteConfig, cache_dir: str | None = None, *, rebuild: bool =
         fingerprint = td.fingerprint()
         seed = cfg.seed * 1000 + ti
         hp = dataclasses.asdict(cfg.finetune)
+        if cfg.finetune.head_init != "prototype":
+            hp.pop("shots")  # irrelevant to the recipe: keeps cache keys of other head inits stable
         recipe = {"hparams": hp, "seed": seed, "sizes": dataclasses.asdict(cfg.sizes),
                   "max_len": cfg.max_len if cfg.suite == "text" else None}
         ekey = f"{name}-{hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]}"
