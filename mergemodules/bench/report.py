@@ -59,7 +59,7 @@ def plot_cart_rank(sweep: list[tuple[float, float]], refs: dict[str, float], pat
     ax.set_xlabel("kept rank fraction γ (of min(out, in))")
     ax.set_ylabel("mean test accuracy (%)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower center")
+    ax.legend(fontsize=8, loc="center right")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return path
