@@ -65,9 +65,16 @@ def save_fused(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def _module_tensors(merged: _Merged) -> dict[str, Tensor]:
-    return {k: v for k, v in merged.named_buffers(recurse=False) if v is not None} | (
-        {"mask_logits": merged.mask_logits.detach()} if getattr(merged, "mask_logits", None) is not None else {}
-    )
+    tensors = dict(merged.named_buffers(recurse=False))
+    if getattr(merged, "mask_logits", None) is not None:
+        tensors["mask_logits"] = merged.mask_logits.detach()
+    return tensors
+
+
+def _parameter_shape(merged: _Merged) -> tuple[int, ...]:
+    """The shape of the parameter ``merged`` stands for, without evaluating it."""
+    shape = tuple(merged.base.shape)
+    return shape[::-1] if getattr(merged, "layout", "out_in") == "in_out" else shape
 
 
 def save_merge_state(merged: MergedModel, path: str | os.PathLike) -> Path:
@@ -137,8 +144,8 @@ def load_merge_state(model: nn.Module, path: str | os.PathLike) -> MergedModel:
     merged = {}
     for entry in entries:
         module = _rebuild(entry.name, header["tensors"][entry.name], tensors, coefs)
-        if tuple(module().shape) != entry.shape:
-            raise ValueError(f"{str(path)!r}: tensor {entry.name!r} has shape {tuple(module().shape)}, the model {entry.shape}")
+        if _parameter_shape(module) != entry.shape:
+            raise ValueError(f"{str(path)!r}: tensor {entry.name!r} has shape {_parameter_shape(module)}, the model {entry.shape}")
         entry.layout = getattr(module, "layout", None)
         merged[entry.name] = module
     method = Method(**header["method"])

@@ -71,8 +71,8 @@ def test_cart_with_no_components_equals_weight_averaging():
     wa = fused(pretrained, finetuned, "weight_averaging")
     assert_states_close(fused(pretrained, finetuned, "cart", scaling=0.0), wa, atol=0)
     merged = mm.merge(pretrained, finetuned, "cart", rank=1)
-    for weight in merged.merged_weights().values():  # rank 0 at the layer level: B alone
-        assert torch.equal(mm.MergedWeight(weight.base)(), wa[next(n for n, m in merged.merged_weights().items() if m is weight)])
+    for name, weight in merged.merged_weights().items():  # rank 0 at the layer level: B alone
+        assert torch.equal(mm.MergedWeight(weight.base)(), wa[name])
 
 
 @pytest.mark.parametrize("rank", [1, 3, 0.5])
