@@ -22,6 +22,7 @@ embedding, final projection, heads) is timed too, and each variant's time per bl
 the merged variants: their small projection overhead is counted as per-block).
 
     nice python benchmarks/bench_tta_step.py
+    python benchmarks/bench_tta_step.py --device cuda --layers 12 --repeat 10   # on a GPU, the whole tower
 """
 from __future__ import annotations
 
@@ -114,14 +115,15 @@ def main() -> None:
     parser.add_argument("--no-references", action="store_true", help="skip the functional_call references")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (times are synchronised)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     setup_threads(1)  # building is not timed here (LAPACK is faster on one thread on a shared machine)
 
     pretrained = vision_tower(args.arch, args.layers)
     zoo = finetuned_zoo(pretrained, args.tasks)
     task_heads = heads(args.tasks, pretrained.output_dim)
     batches = images(args.tasks, args.per_task, pretrained.image_size[0])
-    x = torch.cat(batches)
     plain = vision_tower(args.arch, args.layers)
     plain.load_state_dict(pretrained.state_dict())
     plain.train()
@@ -129,6 +131,10 @@ def main() -> None:
     merged = merge(pretrained, zoo, "adarank_cart").train()
     extra = {float(r): merge(pretrained, zoo, "adarank_cart", rank=float(r)).train() for r in args.ranks.split(",") if r}
     del zoo
+    for model in (plain, stem, merged, *extra.values(), *task_heads):
+        model.to(device)
+    batches = [b.to(device) for b in batches]
+    x = torch.cat(batches)
     setup_threads(args.threads)
 
     def step(model: nn.Module) -> float:
@@ -154,7 +160,7 @@ def main() -> None:
     variants.update({f"mergemodules, stored rank={r}": (lambda m=m: step(m)) for r, m in extra.items()})
     if not args.no_references:
         reference = ReferenceAdaRank(plain, merged).train()
-        adamerging = ReferenceAdaMerging(plain, merged).train()
+        adamerging = ReferenceAdaMerging(plain, merged).train().to(device)
         with torch.no_grad():
             same = (merged(x) - reference(x)).abs().max().item()
         print(f"reference AdaRank output vs mergemodules: max |diff| = {same:.2e}")

@@ -107,8 +107,17 @@ def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float
     return statistics.median(times)
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work, so a wall-clock time covers it (a no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved_times(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, the runs interleaved (A B C A B C ...) so load drifts hit all alike."""
+    """Median seconds of each function, the runs interleaved (A B C A B C ...) so load drifts hit all alike.
+
+    GPU work is synchronised before and after each run, so the times hold on CUDA too.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -116,8 +125,10 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeat: int, warmup:
     for _ in range(repeat):
         for name, fn in fns.items():
             gc.collect()
+            _synchronize()
             start = time.perf_counter()
             fn()
+            _synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -162,4 +173,7 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    where = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        where += f", GPU {torch.cuda.get_device_name()}"
+    return where
