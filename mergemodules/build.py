@@ -6,18 +6,22 @@ fine-tuned sources may be lazy mappings (memory-mapped safetensors files).
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Mapping, Sequence
+import warnings
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .decompose import compute_dtype, resolve_rank
-from .layers import MergedTensor, MergedWeight, _Merged
+from .layers import MergedTensor, MergedWeight, _Merged, check_finite
 from .methods import Method, Transform
 from .targets import Entry
 
-__all__ = ["build_merged_tensors", "fit_transform", "iter_merged_tensors", "check_sources", "as_source"]
+__all__ = [
+    "build_merged_tensors", "fit_transform", "iter_merged_tensors", "check_sources", "as_source",
+    "persistent_buffers", "merge_buffers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +42,26 @@ def as_source(item: object, index: int, pretrained: nn.Module) -> Source:
     raise TypeError(f"finetuned[{index}] must be an nn.Module or a state dict, got {type(item).__name__}")
 
 
-def _lookup(source: Source, entry: Entry) -> Tensor | None:
-    for name in entry.names:
-        if name in source:
-            return source[name]
-    return None
+def _lookup(source: Source, entry: Entry, label: str) -> Tensor | None:
+    """The tensor of ``entry`` in ``source`` under any of its names; tied names present twice must agree."""
+    found = [(name, source[name]) for name in entry.names if name in source]
+    if not found:
+        return None
+    first, tensor = found[0]
+    for other, value in found[1:]:
+        if tensor.is_meta or value.is_meta:
+            continue
+        if value.shape != tensor.shape:
+            difference = f"shapes {tuple(tensor.shape)} and {tuple(value.shape)}"
+        elif not torch.equal(value, tensor):
+            difference = f"max |difference| {float((tensor.double() - value.double()).abs().max()):.3g}"
+        else:
+            continue
+        raise ValueError(
+            f"{label}: the tied keys {first!r} and {other!r} hold different values ({difference}); the model "
+            "shares one tensor between them: keep only the key whose value you mean"
+        )
+    return tensor
 
 
 def check_sources(
@@ -55,14 +74,14 @@ def check_sources(
     merged = [e for e in entries if e.merged]
     for i, source in enumerate(sources):
         label = labels[i] if labels is not None else f"finetuned[{i}]"
-        missing = [e.name for e in merged if _lookup(source, e) is None]
+        missing = [e.name for e in merged if _lookup(source, e, label) is None]
         if missing:
             raise KeyError(f"{label} is missing {len(missing)} key(s) of the pretrained model: {missing[:5]}")
         extra = sorted(set(source) - model_keys)
         if extra:
             raise KeyError(f"{label} has {len(extra)} key(s) the pretrained model lacks: {extra[:5]}")
         for entry in merged:
-            tensor = _lookup(source, entry)
+            tensor = _lookup(source, entry, label)
             if tuple(tensor.shape) != entry.shape:
                 raise ValueError(
                     f"{label}[{entry.name!r}] has shape {tuple(tensor.shape)}, "
@@ -72,17 +91,63 @@ def check_sources(
                 raise TypeError(f"{label}[{entry.name!r}] has dtype {tensor.dtype}; merging needs floating point")
 
 
-def _finite(tensor: Tensor, where: str) -> Tensor:
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{where} contains NaN or Inf")
-    return tensor
+def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Name → tensor of every buffer in ``model``'s state dict (BatchNorm statistics, ...), not merged tensors' own."""
+    found = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, _Merged):
+            continue
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                found[f"{module_name}.{name}" if module_name else name] = buffer
+    return found
+
+
+def _warn_buffers(names: Sequence[str], what: str) -> None:
+    if names:
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        warnings.warn(f"buffer(s) {list(names[:5])}{more}: {what}", stacklevel=4)
+
+
+def merge_buffers(
+    buffers: Mapping[str, Tensor], sources: Sequence[Source], selected: Callable[[str], bool]
+) -> dict[str, Tensor]:
+    """The merged value of every buffer (README, "Buffers"), warning about fine-tuned values that are discarded.
+
+    A floating-point buffer that ``selected`` merges is the mean of the fine-tuned models' values
+    (in float64, cast back: BatchNorm variances stay positive, and identical values stay exact);
+    integer and bool buffers (``num_batches_tracked``) and unselected buffers keep the pretrained value.
+    """
+    merged, discarded, absent = {}, [], []
+    for name, value in buffers.items():
+        merged[name] = value
+        if not selected(name):
+            continue
+        found = {i: source[name] for i, source in enumerate(sources) if name in source}
+        for i, tensor in found.items():
+            if tuple(tensor.shape) != tuple(value.shape):
+                raise ValueError(f"finetuned[{i}][{name!r}] has shape {tuple(tensor.shape)}, "
+                                 f"the pretrained model has {tuple(value.shape)}")
+            check_finite(tensor, f"finetuned[{i}][{name!r}]")
+        if len(found) < len(sources):
+            absent.append(name)
+        elif value.dtype.is_floating_point:
+            stacked = torch.stack([t.to(value.device, torch.float64) for t in found.values()])
+            merged[name] = stacked.mean(dim=0).to(value.dtype)
+        elif any(not torch.equal(t.to(value.device, value.dtype), value) for t in found.values()):
+            discarded.append(name)
+    _warn_buffers(discarded, "the fine-tuned models' values differ from the pretrained model's and are discarded "
+                             "(integer buffers keep the pretrained value)")
+    _warn_buffers(absent, "missing from some fine-tuned state dict; the pretrained values are kept")
+    return merged
 
 
 def _task_values(entry: Entry, sources: Sequence[Source], like: Tensor, dtype: torch.dtype) -> Tensor:
     """The tensor of every source stacked (T, *shape) in ``dtype``, read one source at a time (lazy sources)."""
     values = torch.empty((len(sources), *like.shape), dtype=dtype, device=like.device)
     for i, source in enumerate(sources):
-        values[i] = _finite(_lookup(source, entry), f"finetuned[{i}][{entry.name!r}]")
+        label = f"finetuned[{i}]"
+        values[i] = check_finite(_lookup(source, entry, label), f"{label}[{entry.name!r}]")
     return values
 
 
@@ -90,7 +155,7 @@ def _base_and_task_vectors(
     entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method
 ) -> tuple[Tensor, Tensor]:
     """B and the task vectors θ_t − B of one tensor in float32 (float64 for float64 models), B in its parameter layout."""
-    _finite(pretrained, f"pretrained[{entry.name!r}]")
+    check_finite(pretrained, f"pretrained[{entry.name!r}]")
     dtype = compute_dtype(pretrained.dtype)
     values = _task_values(entry, sources, pretrained, dtype)
     base = pretrained.to(dtype) if method.base == "pretrained" else values.mean(dim=0)
@@ -136,7 +201,7 @@ def _build_one(
     dtype = pretrained.dtype
     with_term = entry.merged and (method.matrices != "none" if entry.is_matrix else method.dense)
     if not entry.merged:
-        base, task_vectors = pretrained.detach(), None
+        base, task_vectors = check_finite(pretrained.detach(), f"pretrained[{entry.name!r}]"), None
     else:
         base, task_vectors = _base_and_task_vectors(entry, pretrained.detach(), sources, method)
     if not entry.is_matrix:

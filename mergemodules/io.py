@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .layers import MergedTensor, MergedWeight, _Merged
+from .build import persistent_buffers
+from .layers import MergedTensor, MergedWeight, _Merged, check_finite
 from .methods import Method
 from .surgery import MergedModel, install
 from .targets import plan
@@ -25,7 +27,8 @@ from .targets import plan
 __all__ = ["atomic_write", "fused_state_dict", "save_fused", "save_merge_state", "load_merge_state"]
 
 FORMAT = "mergemodules.merge_state"
-VERSION = 1
+VERSION = 2  # 2: buffers are stored
+READABLE_VERSIONS = (1, 2)
 _SEP = "::"
 
 
@@ -61,6 +64,8 @@ def fused_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def save_fused(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save the fused model as safetensors with the original state-dict keys (loads with ``load_state_dict``)."""
     state = fused_state_dict(model)
+    for key, tensor in state.items():
+        check_finite(tensor, f"save_fused({str(path)!r}): tensor {key!r} ({tensor.dtype})")
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
 
 
@@ -78,7 +83,7 @@ def _parameter_shape(merged: _Merged) -> tuple[int, ...]:
 
 
 def save_merge_state(merged: MergedModel, path: str | os.PathLike) -> Path:
-    """Save everything a merged model needs (B, Δ or U/σ/V, λ, ℓ) to rebuild it without the checkpoints."""
+    """Save all a merged model needs (B, Δ or U/σ/V, λ, ℓ, buffers) to rebuild it without the checkpoints."""
     if not isinstance(merged, MergedModel):
         raise TypeError(f"merged must be a MergedModel, got {type(merged).__name__}")
     groups: dict[int, str] = {}
@@ -95,8 +100,13 @@ def save_merge_state(merged: MergedModel, path: str | os.PathLike) -> Path:
         for key, tensor in _module_tensors(module).items():
             tensors[f"{name}{_SEP}{key}"] = tensor.detach().contiguous()
         layout[name] = info
+    buffers = persistent_buffers(merged.model)
+    tensors.update({f"{name}{_SEP}buffer": tensor.detach().clone() for name, tensor in buffers.items()})
     method = {f.name: getattr(merged.method, f.name) for f in dataclasses.fields(Method) if f.name != "transform"}
-    header = {"format": FORMAT, "version": VERSION, "num_tasks": merged.num_tasks, "method": method, "tensors": layout}
+    header = {
+        "format": FORMAT, "version": VERSION, "num_tasks": merged.num_tasks, "method": method, "tensors": layout,
+        "buffers": list(buffers),
+    }
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={FORMAT: json.dumps(header)}))
 
 
@@ -112,10 +122,47 @@ def _read_merge_state(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]
         raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from err
     if FORMAT not in metadata:
         raise ValueError(f"{str(path)!r} is not a mergemodules merge state (no {FORMAT!r} metadata)")
-    header = json.loads(metadata[FORMAT])
-    if header.get("version") != VERSION:
-        raise ValueError(f"{str(path)!r} has merge-state version {header.get('version')}, this library reads {VERSION}")
+    try:
+        header = json.loads(metadata[FORMAT])
+    except ValueError as err:
+        raise _metadata_error(path, FORMAT, f"not JSON ({err})") from None
+    _check_header(path, header, tensors)
     return header, tensors
+
+
+def _metadata_error(path: Path, key: str, problem: str) -> ValueError:
+    return ValueError(f"{str(path)!r}: merge-state metadata {key}: {problem}")
+
+
+def _check_header(path: Path, header: object, tensors: dict[str, Tensor]) -> None:
+    """Check the types and references of the merge-state metadata, naming the file and the key at fault."""
+    if not isinstance(header, dict):
+        raise _metadata_error(path, FORMAT, f"expected a JSON object, got {type(header).__name__}")
+    if header.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{str(path)!r} has merge-state version {header.get('version')!r}, "
+                         f"this library reads {list(READABLE_VERSIONS)}")
+    num_tasks = header.get("num_tasks")
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise _metadata_error(path, "'num_tasks'", f"expected a positive integer, got {num_tasks!r}")
+    if not isinstance(header.get("method"), dict):
+        raise _metadata_error(path, "'method'", f"expected an object of method fields, got {header.get('method')!r}")
+    if not isinstance(header.get("tensors"), dict):
+        raise _metadata_error(path, "'tensors'", "expected an object: parameter name → how it is stored")
+    for name, info in header["tensors"].items():
+        key = f"'tensors'[{name!r}]"
+        if not isinstance(info, dict) or info.get("kind") not in ("weight", "tensor"):
+            raise _metadata_error(path, key, f"expected {{'kind': 'weight' | 'tensor', ...}}, got {info!r}")
+        if f"{name}{_SEP}base" not in tensors:
+            raise _metadata_error(path, key, f"the file holds no tensor {name}{_SEP}base")
+        if info["kind"] == "weight" and info.get("layout") not in ("out_in", "in_out"):
+            raise _metadata_error(path, f"{key}['layout']", f"expected out_in or in_out, got {info.get('layout')!r}")
+        if info["kind"] == "weight" and not isinstance(info.get("temperature"), (int, float)):
+            raise _metadata_error(path, f"{key}['temperature']", f"expected a number, got {info.get('temperature')!r}")
+        if "coef" in info and f"{info['coef']}{_SEP}coef" not in tensors:
+            raise _metadata_error(path, f"{key}['coef']", f"the file holds no tensor {info['coef']}{_SEP}coef")
+    buffers = header.get("buffers", [])
+    if not isinstance(buffers, list) or not all(isinstance(b, str) and f"{b}{_SEP}buffer" in tensors for b in buffers):
+        raise _metadata_error(path, "'buffers'", f"expected the names of the buffers the file holds, got {buffers!r}")
 
 
 def _rebuild(name: str, info: dict, tensors: dict[str, Tensor], coefs: dict[str, nn.Parameter]) -> _Merged:
@@ -132,8 +179,33 @@ def _rebuild(name: str, info: dict, tensors: dict[str, Tensor], coefs: dict[str,
     )
 
 
+def _load_buffers(path: str | os.PathLike, header: dict, tensors: dict[str, Tensor], model: nn.Module) -> None:
+    """Copy the stored buffers (BatchNorm statistics, ...) into ``model``, which must have exactly these."""
+    own = persistent_buffers(model)
+    if header["version"] < 2:
+        if own:
+            warnings.warn(f"{str(path)!r} predates stored buffers (version {header['version']}): the model's own "
+                          f"values of {sorted(own)[:5]} are used", stacklevel=3)
+        return
+    saved = set(header["buffers"])
+    if saved != set(own):
+        missing, extra = sorted(set(own) - saved), sorted(saved - set(own))
+        raise KeyError(f"{str(path)!r} does not match the model's buffers: missing {missing[:5]}, "
+                       f"unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, buffer in own.items():
+            value = tensors[f"{name}{_SEP}buffer"]
+            if value.shape != buffer.shape:
+                raise ValueError(f"{str(path)!r}: buffer {name!r} has shape {tuple(value.shape)}, "
+                                 f"the model {tuple(buffer.shape)}")
+            buffer.copy_(value)
+
+
 def load_merge_state(model: nn.Module, path: str | os.PathLike) -> MergedModel:
-    """Rebuild a :class:`MergedModel` on ``model``'s architecture (its weights are not used) from a merge state."""
+    """Rebuild a :class:`MergedModel` on ``model``'s architecture from a merge state (its tensors and buffers).
+
+    Tampered or inconsistent files are a ValueError (or KeyError for a mismatched architecture) naming the file and key.
+    """
     header, tensors = _read_merge_state(path)
     entries = plan(model)
     saved, expected = set(header["tensors"]), {e.name for e in entries}
@@ -143,12 +215,19 @@ def load_merge_state(model: nn.Module, path: str | os.PathLike) -> MergedModel:
     coefs = {k.split(_SEP)[0]: nn.Parameter(v) for k, v in tensors.items() if k.endswith(f"{_SEP}coef")}
     merged = {}
     for entry in entries:
-        module = _rebuild(entry.name, header["tensors"][entry.name], tensors, coefs)
+        try:
+            module = _rebuild(entry.name, header["tensors"][entry.name], tensors, coefs)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{str(path)!r}: tensor {entry.name!r}: {err}") from err
         if _parameter_shape(module) != entry.shape:
             raise ValueError(f"{str(path)!r}: tensor {entry.name!r} has shape {_parameter_shape(module)}, the model {entry.shape}")
         entry.layout = getattr(module, "layout", None)
         merged[entry.name] = module
-    method = Method(**header["method"])
+    try:
+        method = Method(**header["method"])
+    except (ValueError, TypeError) as err:
+        raise _metadata_error(Path(path), "'method'", str(err)) from err
     params = {id(p): p for p in model.parameters()}
     shell = copy.deepcopy(model, memo=dict(params))
+    _load_buffers(path, header, tensors, shell)
     return MergedModel(install(shell, entries, merged), method, header["num_tasks"], merged)

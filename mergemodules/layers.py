@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Any, Iterator
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MergedTensor", "MergedWeight", "MergedLinear", "straight_through_mask", "weight_cache"]
+__all__ = ["MergedTensor", "MergedWeight", "MergedLinear", "check_finite", "straight_through_mask", "weight_cache"]
 
 _cache: dict[int, Tensor] | None = None
 
@@ -45,6 +46,15 @@ def weight_cache() -> Iterator[None]:
         yield
     finally:
         _cache = None
+
+
+def check_finite(tensor: Tensor, where: str) -> Tensor:
+    """``tensor`` itself if it holds values and all are finite; else a ValueError naming ``where``."""
+    if tensor.is_meta:
+        raise ValueError(f"{where} is a meta tensor (a shape without values): load real weights first")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{where} contains NaN or Inf")
+    return tensor
 
 
 def straight_through_mask(logits: Tensor, temperature: float) -> Tensor:
@@ -155,8 +165,8 @@ class MergedWeight(_Merged):
         super().__init__(canonical.contiguous(), coef)
         self.layout = layout
         self.temperature = float(temperature)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite positive number, got {temperature}")
         has_factors = U is not None or S is not None or V is not None
         if has_factors and deltas is not None:
             raise ValueError("give either factors (U, S, V) or dense deltas, not both")
@@ -344,15 +354,17 @@ class MergedLinear(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> nn.Linear:
-        """A plain layer of the original class holding the current merged weight and bias."""
-        bias = None if self.bias_merge is None else nn.Parameter(self.bias.detach().clone())
-        return self.fuse_with(nn.Parameter(self.weight.detach().clone()), bias)
+        """A plain layer of the original class holding the current merged weight and bias (checked finite)."""
+        weight = check_finite(self.weight.detach().clone(), "the fused weight")
+        bias = None if self.bias_merge is None else check_finite(self.bias.detach().clone(), "the fused bias")
+        return self.fuse_with(nn.Parameter(weight), None if bias is None else nn.Parameter(bias))
 
     def fuse_with(self, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
-        """A plain layer of the original class holding the given weight and bias."""
+        """A plain layer of the original class holding the given weight and bias, in this layer's train/eval mode."""
         layer = copy.deepcopy(self._shell)
         layer.in_features, layer.out_features = self.in_features, self.out_features
         layer.weight, layer.bias = weight, bias
+        layer.training = self.training
         return layer
 
     def extra_repr(self) -> str:

@@ -10,6 +10,7 @@ memory is about one tensor's values of all tasks plus its factors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -17,10 +18,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .build import as_source, check_sources, iter_merged_tensors
+from .build import as_source, check_sources, iter_merged_tensors, merge_buffers
+from .layers import check_finite
 from .methods import Method, get_method
 from .sources import shapes_of, write_safetensors
-from .targets import Entry, Patterns, plan
+from .targets import Entry, Patterns, is_selected, plan
 
 __all__ = ["fuse_streaming", "merge_to_state_dict", "save_fused_streaming", "check_weights"]
 
@@ -78,8 +80,8 @@ def fuse_streaming(
     Same arguments as :func:`mergemodules.merge`. ``pretrained`` gives the architecture and, unless
     ``weights`` (a name → tensor mapping, e.g. a lazy safetensors checkpoint) is given, the
     pretrained values; with ``weights`` it may live on the meta device. Tied tensors come once
-    with all their names; buffers come last, at their pretrained values. λ and masks are the
-    method's initial values, so this is the static merge.
+    with all their names; buffers come last, merged as by ``merge`` (README, "Buffers"). λ and
+    masks are the method's initial values, so this is the static merge.
     """
     method = get_method(method, **options)
     if not isinstance(finetuned, Sequence) or isinstance(finetuned, (str, bytes)) or len(finetuned) == 0:
@@ -89,20 +91,22 @@ def fuse_streaming(
     entries = plan(pretrained, targets, exclude, matrices)
     buffers = check_weights(entries, weights, pretrained)
     check_sources(entries, [shapes_of(s) for s in sources], set(pretrained.state_dict()))
-    return _fused(entries, _EntryValues(weights, entries), weights, buffers, sources, method, progress)
+    selected = functools.partial(is_selected, targets=targets, exclude=exclude)
+    buffers = merge_buffers({key: weights[key] for key in buffers}, sources, selected)
+    return _fused(entries, _EntryValues(weights, entries), buffers, sources, method, progress)
 
 
 def _fused(
-    entries: Sequence[Entry], values: Mapping[str, Tensor], weights: Mapping[str, Tensor], buffers: Sequence[str],
+    entries: Sequence[Entry], values: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
     sources: Sequence[Mapping[str, Tensor]], method: Method, progress: bool,
 ) -> Iterator[tuple[tuple[str, ...], Tensor]]:
     for entry, module in iter_merged_tensors(entries, values, sources, method, progress):
         with torch.no_grad():
             fused = module().detach().contiguous()
         del module
-        yield entry.names, fused
-    for key in buffers:
-        yield (key,), weights[key]
+        yield entry.names, check_finite(fused, f"the fused tensor {entry.name!r}")
+    for key, value in buffers.items():
+        yield (key,), value
 
 
 def merge_to_state_dict(

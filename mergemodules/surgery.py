@@ -4,20 +4,22 @@ Every ``nn.Linear`` becomes a :class:`MergedLinear`. Every other parameter (atte
 in-projections, ``Conv1D`` weights, projections, biases, norms, embeddings) is replaced by a
 computed attribute, as ``torch.nn.utils.parametrize`` does: the module's class is swapped for a
 per-instance subclass with a property that evaluates the merged tensor, so code reading
-``module.in_proj_weight`` directly gets an ordinary tensor. ``fuse`` undoes both.
+``module.in_proj_weight`` directly gets an ordinary tensor. ``fuse`` undoes both. Such a module
+pickles (``torch.save``, ``copy.deepcopy``) as its original class plus the names of its merged
+attributes, and unpickles to a new per-instance subclass.
 """
 from __future__ import annotations
 
-import copy
-from typing import Any, Mapping, Sequence
+from copy import deepcopy
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .build import as_source, build_merged_tensors, check_sources, fit_transform
-from .layers import MergedLinear, MergedTensor, MergedWeight, _Merged, weight_cache
+from .build import as_source, build_merged_tensors, check_sources, fit_transform, merge_buffers, persistent_buffers
+from .layers import MergedLinear, MergedTensor, MergedWeight, _Merged, check_finite, weight_cache
 from .methods import Method, Transform, get_method
-from .targets import Entry, Patterns, plan
+from .targets import Entry, Patterns, is_selected, plan
 
 __all__ = ["MergedModel", "merge", "install"]
 
@@ -29,15 +31,40 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     root.get_submodule(parent_name).add_module(child, module)
 
 
+def _merged_property(attr: str) -> property:
+    return property(lambda self: self.merged_tensors[attr](), doc=f"merged {attr}")
+
+
+def _swap_class(module: nn.Module) -> None:
+    """Give ``module`` a per-instance subclass of its class, to hold the properties of its merged attributes."""
+    original = type(module)
+    namespace = {_ORIGINAL_CLASS: original, "__reduce_ex__": _reduce_swapped}
+    module.__class__ = type(original.__name__, (original,), namespace)
+
+
+def _reduce_swapped(module: nn.Module, protocol: int) -> tuple:
+    """Pickle a module with merged attributes as (its original class, the attribute names) and its state."""
+    original = type(module).__dict__[_ORIGINAL_CLASS]
+    return _unpickle_swapped, (original, tuple(module.merged_tensors)), module.__getstate__()
+
+
+def _unpickle_swapped(original: type, attrs: Sequence[str]) -> nn.Module:
+    """An empty module of a new per-instance subclass of ``original``; pickle then restores its state."""
+    module = original.__new__(original)
+    _swap_class(module)
+    for attr in attrs:
+        setattr(type(module), attr, _merged_property(attr))
+    return module
+
+
 def _attach(module: nn.Module, attr: str, merged: _Merged) -> None:
     """Replace ``module.<attr>`` by a property computing ``merged()``."""
     module._parameters.pop(attr, None)
     if _ORIGINAL_CLASS not in type(module).__dict__:
-        original = type(module)
-        module.__class__ = type(original.__name__, (original,), {_ORIGINAL_CLASS: original})
+        _swap_class(module)
         module.add_module("merged_tensors", nn.ModuleDict())
     module.merged_tensors[attr] = merged
-    setattr(type(module), attr, property(lambda self: self.merged_tensors[attr](), doc=f"merged {attr}"))
+    setattr(type(module), attr, _merged_property(attr))
 
 
 def _linear_replacement(model: nn.Module, module_name: str, entries: Mapping[str, Entry], merged: Mapping[str, _Merged]) -> MergedLinear | None:
@@ -115,11 +142,18 @@ class MergedModel(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> nn.Module:
-        """A plain model of the original class holding the merged weights (hard masks, current λ)."""
+        """A plain model of the original class holding the merged weights (hard masks, current λ).
+
+        Every module keeps its train/eval mode; a fused tensor with NaN or Inf (e.g. a float16
+        weight that overflowed) is a ValueError naming it.
+        """
         with weight_cache():
-            values = {id(m): nn.Parameter(m().detach().contiguous().clone()) for m in self._merged.values()}
+            values = {
+                id(m): nn.Parameter(check_finite(m().detach().contiguous().clone(), f"the fused tensor {name!r}"))
+                for name, m in self._merged.items()
+            }
         memo: dict[int, Any] = {id(m): None for m in self.model.modules() if isinstance(m, (_Merged, MergedLinear))}
-        plain = copy.deepcopy(self.model, memo)
+        plain = deepcopy(self.model, memo)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, MergedLinear):
                 bias = None if module.bias_merge is None else values[id(module.bias_merge)]
@@ -149,12 +183,13 @@ def merge(
     exclude: Patterns = None,
     matrices: Mapping[str, str] | None = None,
     progress: bool = False,
+    copy: bool = True,
     **options: Any,
 ) -> MergedModel:
     """Merge fine-tuned versions of ``pretrained`` into one differentiable :class:`MergedModel`.
 
     Args:
-        pretrained: the pretrained model θ₀ (not modified; its parameters are not copied twice).
+        pretrained: the pretrained model θ₀ (not modified).
         finetuned: T fine-tuned models or state dicts of the same architecture.
         method: a registered name (``"weight_averaging"``, ``"task_arithmetic"``, ``"ties"``,
             ``"tsv"``, ``"cart"``, ``"task_vector_svd"``, ``"adamerging_taskwise"``,
@@ -165,6 +200,11 @@ def merge(
         exclude: parameters kept at their pretrained value (e.g. ``["head"]``), same syntax.
         matrices: extra 2-D parameters to merge as matrices, ``{glob: "out_in" | "in_out"}``.
         progress: show a progress bar.
+        copy: the merged model owns its tensors (True, default: a pretrained tensor it keeps as is —
+            B of a θ₀-based method, an excluded tensor — is copied once). With False these share
+            storage with ``pretrained``'s parameters (no extra memory), so writing to one changes the
+            other: ``merged.load_state_dict`` or an in-place edit of the merged model overwrites
+            ``pretrained``, and editing ``pretrained`` later changes the merged model.
         **options: method options, e.g. ``rank`` (fraction of min(out, in) or int), ``scaling`` (λ),
             ``density`` (TIES), ``mask_rank``, ``temperature``.
     """
@@ -175,7 +215,21 @@ def merge(
     entries = plan(pretrained, targets, exclude, matrices)
     check_sources(entries, sources, set(pretrained.state_dict()))
     params = dict(pretrained.named_parameters(remove_duplicate=False))
+    buffers = merge_buffers(persistent_buffers(pretrained), sources, lambda name: is_selected(name, targets, exclude))
     transform = fit_transform(entries, params, sources, method)
     merged = build_merged_tensors(entries, params, sources, method, progress=progress, transform=transform)
-    model = copy.deepcopy(pretrained, memo={id(p): p for p in params.values()})
+    if copy:
+        _own_bases(merged.values(), params.values())
+    model = deepcopy(pretrained, memo={id(p): p for p in params.values()})  # buffers are copied
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
     return MergedModel(install(model, entries, merged), method, len(sources), merged, transform)
+
+
+def _own_bases(merged: Iterable[_Merged], pretrained: Iterable[Tensor]) -> None:
+    """Copy every base that shares storage with a pretrained tensor, so the merged model owns it."""
+    shared = {p.untyped_storage().data_ptr() for p in pretrained}
+    for module in merged:
+        if module.base.untyped_storage().data_ptr() in shared:
+            module.base = module.base.clone()

@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["Entry", "plan", "matrix_layout", "Patterns"]
+__all__ = ["Entry", "plan", "matrix_layout", "is_selected", "Patterns"]
 
 Patterns = str | Sequence[str] | None
 
@@ -83,6 +83,13 @@ def _matches(name: str, module_name: str, patterns: Patterns) -> bool:
     return False
 
 
+def is_selected(name: str, targets: Patterns, exclude: Patterns) -> bool:
+    """Whether ``targets``/``exclude`` let the tensor ``name`` (a parameter or buffer) be merged."""
+    module_name = name.rpartition(".")[0]
+    targeted = targets is None or _matches(name, module_name, targets)
+    return targeted and not (exclude is not None and _matches(name, module_name, exclude))
+
+
 def _check_patterns(patterns: Patterns, option: str) -> None:
     if patterns is None or isinstance(patterns, str):
         if isinstance(patterns, str):
@@ -118,9 +125,7 @@ def plan(
             for pattern, custom in (matrices or {}).items():
                 if param.dim() == 2 and fnmatch.fnmatchcase(name, pattern):
                     layout = custom
-            targeted = targets is None or _matches(name, module_name, targets)
-            excluded = exclude is not None and _matches(name, module_name, exclude)
-            entry = Entry(name, (), tuple(param.shape), layout, targeted and not excluded)
+            entry = Entry(name, (), tuple(param.shape), layout, is_selected(name, targets, exclude))
             entries[id(param)] = entry
         else:
             entry.aliases += (name,)

@@ -17,11 +17,14 @@ augmentations in the workers).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -36,7 +39,7 @@ except ImportError:  # NumPy is optional; without it there is no NumPy generator
     np = None
 
 from .io import atomic_write
-from .layers import weight_cache
+from .layers import _Merged, weight_cache
 
 __all__ = ["Task", "adapt", "entropy", "evaluate"]
 
@@ -120,8 +123,17 @@ def _logits(
     name: str,
     shapes: dict[str, tuple[int, int]] | None = None,
 ) -> Tensor:
-    """``head(merged(inputs))``, checked to be logits (batch, ..., classes) of the same rank and classes every call."""
-    logits = head(_call(merged, inputs))
+    """``head(merged(inputs))``, checked to be logits (batch, ..., classes) of the same rank and classes every call.
+
+    A torch error in the model or head (an input of the wrong shape, say) becomes a ValueError naming the task.
+    """
+    try:
+        logits = head(_call(merged, inputs))
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        shape = f"an input of shape {tuple(inputs.shape)}" if isinstance(inputs, Tensor) else "its batch"
+        raise ValueError(f"tasks[{name!r}]: the merged model and head failed on {shape}: {err}") from err
     if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point or logits.dim() < 2:
         desc = f"shape {tuple(logits.shape)} {logits.dtype}" if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"tasks[{name!r}].head must return floating-point logits (batch, ..., classes), got {desc}")
@@ -319,8 +331,50 @@ def _device(merged: nn.Module) -> torch.device:
 # -------------------------------------------------------------------------------------- checkpoint
 
 
+def _digest(tensor: Tensor, samples: int = 16) -> str:
+    """A short hash of a tensor's shape, dtype and ``samples`` evenly spaced values (exact, device-independent)."""
+    flat = tensor.detach().reshape(-1)
+    index = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel())).round().long()
+    values = flat[index.to(flat.device)].double().cpu().tolist()
+    return hashlib.sha256(repr((tuple(tensor.shape), str(tensor.dtype), values)).encode()).hexdigest()[:16]
+
+
+def _fingerprint(merged: nn.Module) -> dict[str, Any]:
+    """What identifies a merge, cheaply: the method's settings, the number of tasks and a digest of every stored
+    tensor of the merged tensors (B, factors or Δ) from its shape, dtype and a few sampled values.
+    """
+    method = getattr(merged, "method", None)
+    fields = [] if method is None else [f.name for f in dataclasses.fields(method) if f.name != "transform"]
+    return {
+        "method": {name: json.dumps(getattr(method, name), default=repr) for name in fields},
+        "num_tasks": getattr(merged, "num_tasks", None),
+        "tensors": {
+            f"{name}.{key}": _digest(tensor)
+            for name, module in merged.named_modules() if isinstance(module, _Merged)
+            for key, tensor in module.named_buffers(recurse=False)
+        },
+    }
+
+
+def _fingerprint_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """Which part of two merge fingerprints differs first, in words; None if they agree."""
+    for option in sorted(set(saved["method"]) | set(current["method"])):
+        old, new = saved["method"].get(option), current["method"].get(option)
+        if old != new:
+            return f"the method option {option!r} differs: checkpoint {old}, this merge {new}"
+    if saved["num_tasks"] != current["num_tasks"]:
+        return f"the number of tasks differs: checkpoint {saved['num_tasks']}, this merge {current['num_tasks']}"
+    names = sorted(set(saved["tensors"]) ^ set(current["tensors"]))
+    if names:
+        return f"the stored tensors differ: {names[:5]} are in only one of them"
+    changed = [name for name, digest in current["tensors"].items() if saved["tensors"][name] != digest]
+    if changed:
+        return f"the values of the stored tensors {changed[:5]} differ (B or factors: other checkpoints?)"
+    return None
+
+
 def _load_checkpoint(
-    path: Path, *, seed: int, lr: float, names: list[str], params: Mapping[str, Tensor]
+    path: Path, *, seed: int, lr: float, names: list[str], params: Mapping[str, Tensor], fingerprint: dict[str, Any]
 ) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no file {str(path)!r} to resume from")
@@ -335,6 +389,13 @@ def _load_checkpoint(
             raise ValueError(
                 f"checkpoint: {str(path)!r} was written with {key}={state[key]!r}, this call has {key}={value!r}"
             )
+    if "fingerprint" not in state:
+        warnings.warn(f"checkpoint: {str(path)!r} predates merge fingerprints: cannot check that it belongs to "
+                      "this merge", stacklevel=3)
+    else:
+        difference = _fingerprint_difference(state["fingerprint"], fingerprint)
+        if difference is not None:
+            raise ValueError(f"checkpoint: {str(path)!r} was written for another merge: {difference}")
     saved = {k: tuple(v.shape) for k, v in state["params"].items()}
     if saved != {k: tuple(v.shape) for k, v in params.items()}:
         raise ValueError(f"checkpoint: {str(path)!r} holds the learnables of another merged model")
@@ -405,7 +466,9 @@ def adapt(
         eval_every: evaluate every N steps (default: only at the start and the end).
         checkpoint: file to save λ, ℓ, the optimizer, the data positions and the random state to.
         checkpoint_every: save every N steps (default: only at the end).
-        resume: continue from ``checkpoint``; the result is bit-identical to an uninterrupted run.
+        resume: continue from ``checkpoint``; the result is bit-identical to an uninterrupted run. The
+            checkpoint must belong to this merge (method options, tasks, stored tensors: a fingerprint
+            is checked) and this call (seed, lr); a mismatch is a ValueError saying which part differs.
         progress: show a tqdm bar with the current loss.
 
     Raises:
@@ -436,12 +499,13 @@ def adapt(
     shapes: dict[str, tuple[int, int]] = {}
     optimizer = torch.optim.Adam(trainable, lr=lr, betas=BETAS)
     cuda = [device.index or 0] if device.type == "cuda" else []
+    fingerprint = _fingerprint(merged) if path is not None else None
 
     with torch.random.fork_rng(devices=cuda):
         history: list[dict[str, Any]] = []
         start = 0
         if resume:
-            state = _load_checkpoint(path, seed=seed, lr=lr, names=names, params=named)
+            state = _load_checkpoint(path, seed=seed, lr=lr, names=names, params=named, fingerprint=fingerprint)
             if state["step"] > steps:
                 raise ValueError(f"steps={steps} but the checkpoint {str(path)!r} is already at step {state['step']}")
             _restore(state, named, optimizer, streams, cuda)
@@ -456,6 +520,7 @@ def adapt(
 
         def save(step: int) -> None:
             state = {"format": CHECKPOINT_FORMAT, "step": step, "seed": seed, "lr": lr, "tasks": names}
+            state["fingerprint"] = fingerprint
             state["history"] = history
             state.update(_resumable_state(named, optimizer, streams, cuda))
             atomic_write(path, lambda tmp: torch.save(state, tmp))

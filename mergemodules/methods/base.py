@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -88,11 +89,15 @@ class Method:
                 raise ValueError(f"{attr}={getattr(self, attr)!r}: expected one of {allowed}")
         if self.masks and self.matrices != "svd":
             raise ValueError("masks: AdaRank masks need matrices='svd'")
+        for attr in ("scaling", "temperature", "mask_init", "rank", "mask_rank"):
+            value = getattr(self, attr)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{attr}={value!r} must be finite")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature!r} must be positive")
         if self.mask_init <= 0:
             raise ValueError(f"mask_init={self.mask_init!r} must be positive")
-        if not isinstance(self.scaling, (int, float)) or self.scaling != self.scaling:
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
             raise ValueError(f"scaling={self.scaling!r} must be a number")
 
     @property
