@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -17,8 +18,10 @@ from .io import load_merge_state, save_fused, save_merge_state
 from .methods import Method, get_method
 from .methods.ties import Ties
 from .methods.tsv import TaskSingularVectors
-from .recipe import Recipe, RecipeError, load_recipe
-from .sources import MODEL_KINDS, build_model, load_callable, write_hf_folder
+from .recipe import DTYPES, Recipe, RecipeError, load_recipe
+from .sources import (
+    MODEL_KINDS, build_model, cast_tensors_, compute_dtype_of, load_callable, output_dtypes, shapes_of, write_hf_folder,
+)
 from .streaming import save_fused_streaming
 from .surgery import merge
 from .targets import Entry, plan
@@ -72,7 +75,7 @@ def _check_output(out: Path, folder: bool, force: bool) -> None:
 
 
 def _real_model(recipe: Recipe, entries: Sequence[Entry]) -> nn.Module:
-    """The pretrained model with its weights, in the recipe's dtype and device."""
+    """The pretrained model with its weights, in the recipe's compute dtype (default float32) and device."""
     model = recipe.model.build(recipe.folder)
     if recipe.base is not None:
         state = dict(recipe.base.open())
@@ -80,12 +83,22 @@ def _real_model(recipe: Recipe, entries: Sequence[Entry]) -> nn.Module:
             present = next(n for n in entry.names if n in state)
             state.update({n: state[present] for n in entry.names})
         model.load_state_dict(state, strict=True)
-    if recipe.dtype is not None:
-        model = model.to(recipe.dtype)
+    model = model.to(recipe.dtype or compute_dtype_of(model.state_dict()))
     return model.to(recipe.device)
 
 
-def _write_fused(recipe: Recipe | None, model_fused: nn.Module, out: Path, force: bool) -> None:
+def _with_dtypes(recipe: Recipe, args: argparse.Namespace) -> Recipe:
+    """The recipe with the command line's --dtype / --out-dtype applied."""
+    given = {name: DTYPES[getattr(args, name)] for name in ("dtype", "out_dtype") if getattr(args, name, None)}
+    return dataclasses.replace(recipe, **given) if given else recipe
+
+
+def _write_fused(
+    recipe: Recipe | None, model_fused: nn.Module, out: Path, force: bool, out_dtype: torch.dtype | None = None
+) -> None:
+    """Write the fused model, each floating tensor cast to ``out_dtype`` or else to the base checkpoint's dtype."""
+    stored = shapes_of(recipe.base_checkpoint().open()) if recipe is not None else model_fused.state_dict()
+    cast_tensors_(model_fused, output_dtypes(stored, out_dtype))
     if recipe is not None and recipe.is_hf:
         write_hf_folder(out, recipe.folder / recipe.model.name, model_fused.save_pretrained, force)
     else:
@@ -99,6 +112,7 @@ def _write_fused(recipe: Recipe | None, model_fused: nn.Module, out: Path, force
 def cmd_merge(args: argparse.Namespace) -> None:
     """Static merge of a recipe, layer by layer from lazily read checkpoints, straight to a fused file."""
     recipe, model, entries = load_recipe(args.recipe)
+    recipe = _with_dtypes(recipe, args)
     if not _is_static(recipe.method):
         raise recipe.error(("method",), f"{recipe.method.name!r} learns its coefficients/masks by test-time "
                                         "adaptation: use 'mergemodules adapt' (or a static method)")
@@ -108,12 +122,12 @@ def cmd_merge(args: argparse.Namespace) -> None:
         return
     out = _output(recipe, args.output)
     _check_output(out, recipe.is_hf, args.force)
-    base = recipe.base_checkpoint().open(recipe.dtype, recipe.device)
-    tasks = [task.open(recipe.dtype, recipe.device) for task in recipe.tasks]
+    base = recipe.base_checkpoint().open(device=recipe.device)  # stored dtypes: cast to recipe.dtype when merged
+    tasks = [task.open(device=recipe.device) for task in recipe.tasks]
 
     def write(path: Path) -> None:
         save_fused_streaming(path, model, tasks, recipe.method, weights=base, progress=_progress(),
-                             **recipe.merge_options())
+                             dtype=recipe.dtype, out_dtype=recipe.out_dtype, **recipe.merge_options())
 
     if recipe.is_hf:
         write_hf_folder(out, recipe.folder / recipe.model.name, lambda folder: write(folder / "model.safetensors"),
@@ -144,6 +158,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     from .tta import adapt
 
     recipe, _, entries = load_recipe(args.recipe)
+    recipe = _with_dtypes(recipe, args)
     out = _output(recipe, args.output)
     _check_output(out, recipe.is_hf, args.force)
     tasks, eval_data = _tasks(recipe, args.data)
@@ -163,7 +178,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     if merge_state is not None:
         save_merge_state(merged, merge_state)
         logger.info("wrote merge state %s", merge_state)
-    _write_fused(recipe, merged.fuse(), out, args.force)
+    _write_fused(recipe, merged.fuse(), out, args.force, recipe.out_dtype)
 
 
 def _model_from_spec(spec: str, meta: bool) -> nn.Module:
@@ -186,7 +201,8 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         raise CommandError("fuse needs the architecture: --recipe RECIPE or --model KIND:NAME")
     _check_output(out, recipe is not None and recipe.is_hf, args.force)
     merged = load_merge_state(model, args.merge_state)
-    _write_fused(recipe, merged.fuse(), out, args.force)
+    out_dtype = DTYPES[args.out_dtype] if args.out_dtype else recipe.out_dtype if recipe is not None else None
+    _write_fused(recipe, merged.fuse(), out, args.force, out_dtype)
 
 
 def _stored(method: Method, T: int, shape: tuple[int, ...]) -> tuple[int, int | None]:
@@ -295,6 +311,15 @@ def _verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
                        help="warnings and errors only, no progress bars")
 
 
+def _dtype_flags(parser: argparse.ArgumentParser, compute: bool = True) -> None:
+    if compute:
+        parser.add_argument("--dtype", choices=sorted(DTYPES),
+                            help="override the recipe's 'dtype': merge in it (default float32)")
+    parser.add_argument("--out-dtype", choices=sorted(DTYPES),
+                        help="override the recipe's 'out_dtype': write floating weights in it "
+                             "(default: the base checkpoint's dtype of each tensor)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mergemodules`` command."""
     parser = argparse.ArgumentParser(
@@ -315,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output .safetensors file (HF models: a folder); default: the recipe's 'output'")
     p.add_argument("--check", action="store_true", help="validate the recipe and report the plan; merge nothing")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _dtype_flags(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("adapt", parents=[common], help="merge with an adaptive method and adapt λ/ℓ by entropy minimisation",
@@ -327,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from adapt.checkpoint")
     p.add_argument("--merge-state", help="also save the adapted merge state (factors, λ, ℓ) here")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _dtype_flags(p)
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("inspect", parents=[common], help="show which tensors are merged as matrices, their ranks and memory",
@@ -348,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="recipe naming the architecture (and base weights for buffers)")
     p.add_argument("--model", help="KIND:NAME of the architecture instead of a recipe")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _dtype_flags(p, compute=False)
     p.set_defaults(func=cmd_fuse)
     return parser
 

@@ -61,9 +61,17 @@ def fused_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def save_fused(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Save the fused model as safetensors with the original state-dict keys (loads with ``load_state_dict``)."""
+def save_fused(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Save the fused model as safetensors with the original state-dict keys (loads with ``load_state_dict``).
+
+    ``dtype``: floating tensors are written in it, each rounded once from the computed values
+    (merge a float32 copy of a bf16 model and pass ``torch.bfloat16``); default: as computed.
+    """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16 or None, got {dtype!r}")
     state = fused_state_dict(model)
+    if dtype is not None:
+        state = {key: t.to(dtype) if t.is_floating_point() else t for key, t in state.items()}
     for key, tensor in state.items():
         check_finite(tensor, f"save_fused({str(path)!r}): tensor {key!r} ({tensor.dtype})")
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))

@@ -30,8 +30,8 @@ DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
     "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
 }
-KEYS = ("model", "base", "tasks", "method", "options", "targets", "exclude", "matrices", "dtype", "device",
-        "output", "adapt")
+KEYS = ("model", "base", "tasks", "method", "options", "targets", "exclude", "matrices", "dtype", "out_dtype",
+        "device", "output", "adapt")
 MODEL_KEYS = (*MODEL_KINDS, "kwargs", "submodule")
 CHECKPOINT_KEYS = ("path", "key")
 ADAPT_KEYS = ("data", "kwargs", "eval", "steps", "lr", "seed", "eval_every", "checkpoint", "checkpoint_every",
@@ -98,7 +98,8 @@ class Recipe:
     targets: str | list[str] | None = None
     exclude: str | list[str] | None = None
     matrices: dict[str, str] | None = None
-    dtype: torch.dtype | None = None
+    dtype: torch.dtype | None = None  # compute dtype (None: float32, float64 for float64 checkpoints)
+    out_dtype: torch.dtype | None = None  # written dtype (None: the base checkpoint's, per tensor)
     device: str = "cpu"
     output: Path | None = None
     adapt: AdaptSpec | None = None
@@ -289,9 +290,10 @@ class _Parser:
         tasks = doc.get("tasks")
         if not isinstance(tasks, list) or not tasks:
             raise self.error(("tasks",), "expected a non-empty list of fine-tuned checkpoints")
-        dtype = doc.get("dtype")
-        if dtype is not None and dtype not in DTYPES:
-            raise self.error(("dtype",), f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        dtypes = {name: doc.get(name) for name in ("dtype", "out_dtype")}
+        for name, value in dtypes.items():
+            if value is not None and (not isinstance(value, str) or value not in DTYPES):
+                raise self.error((name,), f"unknown dtype {value!r}; expected one of {sorted(DTYPES)}")
         device = str(doc.get("device") or "cpu")
         try:
             torch.device(device)
@@ -309,7 +311,8 @@ class _Parser:
             method=self.method(doc),
             targets=self.patterns(doc.get("targets"), ("targets",)),
             exclude=self.patterns(doc.get("exclude"), ("exclude",)),
-            matrices=matrices, dtype=None if dtype is None else DTYPES[dtype], device=device,
+            matrices=matrices, device=device,
+            **{name: None if value is None else DTYPES[value] for name, value in dtypes.items()},
             output=None if output is None else self.path.parent / self.typed(output, ("output",), str, "a path"),
             adapt=self.adapt(doc.get("adapt")), lines=self.lines,
         )

@@ -29,6 +29,7 @@ from .io import atomic_write
 __all__ = [
     "MODEL_KINDS", "build_model", "load_callable", "SafetensorsCheckpoint", "open_checkpoint",
     "shapes_of", "hf_weight_files", "write_safetensors", "write_hf_folder", "WEIGHT_SUFFIXES",
+    "compute_dtype_of", "output_dtypes", "cast_tensors_", "check_floating_dtype", "declare_dtype",
 ]
 
 logger = logging.getLogger(__name__)
@@ -217,14 +218,14 @@ def _target_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype
     return dtype if dtype is not None and stored.is_floating_point else stored
 
 
-def _convert(tensor: Tensor, dtype: torch.dtype | None, device: str) -> Tensor:
+def _convert(tensor: Tensor, dtype: torch.dtype | None, device: str | None) -> Tensor:
     return tensor.to(device=device, dtype=_target_dtype(tensor.dtype, dtype))
 
 
 class _Converted(Mapping[str, Tensor]):
-    """A mapping whose floating tensors are cast to ``dtype`` and moved to ``device`` on lookup."""
+    """A mapping whose floating tensors are cast to ``dtype`` and moved to ``device`` (None: kept) on lookup."""
 
-    def __init__(self, state: Mapping[str, Tensor], dtype: torch.dtype | None, device: str) -> None:
+    def __init__(self, state: Mapping[str, Tensor], dtype: torch.dtype | None, device: str | None) -> None:
         self.state, self.dtype, self.device = state, dtype, device
 
     def __getitem__(self, key: str) -> Tensor:
@@ -236,11 +237,14 @@ class _Converted(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self.state)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.state  # without reading the tensor (the state may be lazy)
+
     def meta(self) -> dict[str, Tensor]:
-        """Meta tensors of the (converted) shapes and dtypes."""
+        """Meta tensors of the (converted) shapes and dtypes, read without the values when the state is lazy."""
         return {
             k: torch.empty(v.shape, dtype=_target_dtype(v.dtype, self.dtype), device="meta")
-            for k, v in self.state.items()
+            for k, v in shapes_of(self.state).items()
         }
 
 
@@ -320,6 +324,32 @@ def shapes_of(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     return meta() if callable(meta) else state
 
 
+def compute_dtype_of(stored: Mapping[str, Tensor]) -> torch.dtype:
+    """The default dtype to merge ``stored`` in: float32, or float64 when any floating tensor is float64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in stored.values()) else torch.float32
+
+
+def output_dtypes(stored: Mapping[str, Tensor], out_dtype: torch.dtype | None = None) -> dict[str, torch.dtype]:
+    """Name → the dtype a tensor is written in: ``out_dtype`` for floating tensors when given, else its stored dtype."""
+    return {key: _target_dtype(tensor.dtype, out_dtype) for key, tensor in stored.items()}
+
+
+def cast_tensors_(module: nn.Module, dtypes: Mapping[str, torch.dtype]) -> nn.Module:
+    """Cast, in place, each parameter and buffer of ``module`` named in ``dtypes`` (tied ones under any name)."""
+    tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    with torch.no_grad():
+        for name, tensor in tensors:
+            if name in dtypes and tensor.dtype != dtypes[name]:
+                tensor.data = tensor.data.to(dtypes[name])
+    return module
+
+
+def check_floating_dtype(dtype: torch.dtype | None, name: str) -> None:
+    """Refuse a ``dtype``/``out_dtype`` argument that is not a floating torch.dtype (None passes)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{name} must be a floating torch.dtype such as torch.bfloat16 or None, got {dtype!r}")
+
+
 # ------------------------------------------------------------------------------------------ writing
 
 
@@ -374,13 +404,17 @@ def write_safetensors(
 
 def write_hf_folder(out: Path, model_folder: Path, write: Callable[[Path], None], force: bool = False) -> Path:
     """A Hugging Face folder ``from_pretrained`` loads: the model folder's config and tokenizer files plus
-    the weights ``write(folder)`` puts there; built beside ``out`` and renamed into place."""
+    the weights ``write(folder)`` puts there; built beside ``out`` and renamed into place.
+
+    Its ``config.json`` states the dtype of the weights written (:func:`declare_dtype`).
+    """
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for item in model_folder.iterdir():
             if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copy2(item, tmp / item.name)
         write(tmp)
+        declare_dtype(tmp)
         if out.exists() and force:
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -388,3 +422,30 @@ def write_hf_folder(out: Path, model_folder: Path, write: Callable[[Path], None]
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def declare_dtype(folder: Path) -> torch.dtype | None:
+    """Make ``folder/config.json`` state the dtype of the weights in ``folder``; returns it (None: nothing to state).
+
+    The dtype is that of most floating weight entries; ``from_pretrained`` loads in the config's
+    ``dtype`` (transformers ≥ 5, which prefers it) or ``torch_dtype``, so every one of those keys
+    present is set (``torch_dtype``, read by every version, when neither is).
+    """
+    config_path = folder / "config.json"
+    counts: dict[torch.dtype, int] = {}
+    for tensor in shapes_of(open_checkpoint(folder)).values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    if not counts or not config_path.is_file():
+        return None
+    dtype = max(counts, key=counts.__getitem__)
+    if len(counts) > 1:
+        logger.info("%s: weights in %s; config.json states %s, the dtype of most entries",
+                    folder, sorted(map(str, counts)), dtype)
+    config = json.loads(config_path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["torch_dtype"]
+    if any(config.get(key) != name for key in keys):
+        config.update(dict.fromkeys(keys, name))
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return dtype

@@ -6,6 +6,11 @@ builds each tensor's merged module with the same builder (``build.iter_merged_te
 evaluates it, hands out the fused tensor and drops the module. With lazy checkpoints
 (:class:`~mergemodules.sources.SafetensorsCheckpoint`) and :func:`save_fused_streaming`, peak
 memory is about one tensor's values of all tasks plus its factors.
+
+Precision: every tensor is merged in ``dtype`` (default float32, float64 for float64 checkpoints)
+from the checkpoints' values cast to it, and the fused tensor is rounded once to its output dtype
+(default: the dtype the pretrained checkpoint stores it in), so a bf16/fp16 merge rounds each
+entry once, not each task's change.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from torch import Tensor, nn
 from .build import as_source, check_sources, iter_merged_tensors, merge_buffers
 from .layers import check_finite
 from .methods import Method, get_method
-from .sources import shapes_of, write_safetensors
+from .sources import _Converted, check_floating_dtype, compute_dtype_of, output_dtypes, shapes_of, write_safetensors
 from .targets import Entry, Patterns, is_selected, plan
 
 __all__ = ["fuse_streaming", "merge_to_state_dict", "save_fused_streaming", "check_weights"]
@@ -72,6 +77,8 @@ def fuse_streaming(
     targets: Patterns = None,
     exclude: Patterns = None,
     matrices: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
     progress: bool = False,
     **options: Any,
 ) -> Iterator[tuple[tuple[str, ...], Tensor]]:
@@ -82,7 +89,14 @@ def fuse_streaming(
     pretrained values; with ``weights`` it may live on the meta device. Tied tensors come once
     with all their names; buffers come last, merged as by ``merge`` (README, "Buffers"). λ and
     masks are the method's initial values, so this is the static merge.
+
+    ``dtype``: the floating tensors of ``weights`` and ``finetuned`` are cast to it before merging
+    (default float32, float64 when ``weights`` holds float64 tensors). ``out_dtype``: the floating
+    tensors come out in it, each rounded once (default: the dtype ``weights`` holds each in). So
+    the values are those of ``merge(...).fuse()`` on models cast to ``dtype``, cast to the output dtype.
     """
+    check_floating_dtype(dtype, "dtype")
+    check_floating_dtype(out_dtype, "out_dtype")
     method = get_method(method, **options)
     if not isinstance(finetuned, Sequence) or isinstance(finetuned, (str, bytes)) or len(finetuned) == 0:
         raise ValueError("finetuned: need a non-empty list of fine-tuned models or state dicts")
@@ -91,22 +105,28 @@ def fuse_streaming(
     entries = plan(pretrained, targets, exclude, matrices)
     buffers = check_weights(entries, weights, pretrained)
     check_sources(entries, [shapes_of(s) for s in sources], set(pretrained.state_dict()))
+    stored = shapes_of(weights)
+    dtype = dtype or compute_dtype_of(stored)
+    values = _EntryValues(_Converted(weights, dtype, None), entries)
+    sources = [_Converted(source, dtype, None) for source in sources]
     selected = functools.partial(is_selected, targets=targets, exclude=exclude)
-    buffers = merge_buffers({key: weights[key] for key in buffers}, sources, selected)
-    return _fused(entries, _EntryValues(weights, entries), buffers, sources, method, progress)
+    out = output_dtypes(stored, out_dtype)
+    # buffers in their output dtype: a merged one (a float64 mean) is then rounded once, straight to it
+    buffers = merge_buffers({key: weights[key].to(out[key]) for key in buffers}, sources, selected)
+    return _fused(entries, values, buffers, sources, method, out, progress)
 
 
 def _fused(
-    entries: Sequence[Entry], values: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-    sources: Sequence[Mapping[str, Tensor]], method: Method, progress: bool,
+    entries: Sequence[Entry], values: _EntryValues, buffers: Mapping[str, Tensor],
+    sources: Sequence[Mapping[str, Tensor]], method: Method, out: Mapping[str, torch.dtype], progress: bool,
 ) -> Iterator[tuple[tuple[str, ...], Tensor]]:
     for entry, module in iter_merged_tensors(entries, values, sources, method, progress):
         with torch.no_grad():
-            fused = module().detach().contiguous()
+            fused = module().detach().to(out[values.names[entry.name]]).contiguous()  # the one rounding
         del module
         yield entry.names, check_finite(fused, f"the fused tensor {entry.name!r}")
     for key, value in buffers.items():
-        yield (key,), value
+        yield (key,), value.to(out[key])
 
 
 def merge_to_state_dict(
@@ -128,15 +148,20 @@ def save_fused_streaming(
     method: str | Method = "task_arithmetic",
     *,
     weights: Mapping[str, Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> Path:
     """Write the static merge to a safetensors file tensor by tensor, under the keys ``weights`` holds.
 
     With ``weights`` a checkpoint of the pretrained model, the output has exactly its keys (tied
-    tensors stored as it stores them), shapes and dtypes; without, the model's state-dict keys.
+    tensors stored as it stores them), shapes and dtypes (floating ones: ``out_dtype`` when given);
+    without, the model's state-dict keys. ``dtype``/``out_dtype``: see :func:`fuse_streaming`.
     """
     weights = pretrained.state_dict() if weights is None else weights
-    layout = {key: (tuple(t.shape), t.dtype) for key, t in shapes_of(weights).items()}
-    tensors = fuse_streaming(pretrained, finetuned, method, weights=weights, **kwargs)
+    check_floating_dtype(out_dtype, "out_dtype")
+    stored = shapes_of(weights)
+    out = output_dtypes(stored, out_dtype)
+    layout = {key: (tuple(t.shape), out[key]) for key, t in stored.items()}
+    tensors = fuse_streaming(pretrained, finetuned, method, weights=weights, out_dtype=out_dtype, **kwargs)
     items = ((name, tensor) for names, tensor in tensors for name in names if name in layout)
     return write_safetensors(path, layout, items)

@@ -72,7 +72,11 @@ def gpt2_folders(folder: Path, tasks: int = 2) -> tuple[Path, list[Path]]:
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
                         eos_token_id=0)
-    base = GPT2LMHeadModel(config)
+    return save_pretrained_with_tasks(folder, GPT2LMHeadModel(config), tasks)
+
+
+def save_pretrained_with_tasks(folder: Path, base: nn.Module, tasks: int) -> tuple[Path, list[Path]]:
+    """``base`` saved (save_pretrained) to folder/base and ``tasks`` perturbed copies to folder/task{i}."""
     base.save_pretrained(folder / "base")
     paths = []
     for i in range(tasks):
@@ -95,3 +99,19 @@ def adapt_tasks(batches: int = 2, classes: int = 3) -> dict[str, Any]:
         data = [torch.randn(4, 3, 32, 32, generator=gen) for _ in range(batches)]
         tasks[name] = Task(data, head)
     return tasks
+
+
+def line_of(path: Path, text: str) -> int:
+    """1-based line of the first line of ``path`` containing ``text``."""
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def callable_recipe(folder: Path, marker: Path) -> Path:
+    """recipe.yaml naming ``model: {callable: arch.py:build}`` (the small timm ViT); importing arch.py creates ``marker``."""
+    (folder / "arch.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                    "import timm\n"
+                                    "def build(**kw):\n"
+                                    "    return timm.create_model('vit_tiny_patch16_224', **kw)\n")
+    recipe = timm_recipe(folder, tasks=2)
+    recipe["model"] = {"callable": "arch.py:build", "kwargs": recipe["model"]["kwargs"]}
+    return write_recipe(folder, recipe)

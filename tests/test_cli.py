@@ -49,7 +49,7 @@ def test_merge_from_torch_files_with_key_and_recipe_output(tmp_path: Path) -> No
 
 def test_merge_in_bfloat16(tmp_path: Path) -> None:
     base, finetuned = write_timm_checkpoints(tmp_path, tasks=2)
-    recipe = write_recipe(tmp_path, timm_recipe(tmp_path, tasks=2, dtype="bfloat16"))
+    recipe = write_recipe(tmp_path, timm_recipe(tmp_path, tasks=2, dtype="bfloat16", out_dtype="bfloat16"))
     assert main(["-q", "merge", str(recipe)]) == 0
     fused = load_file(tmp_path / "merged.safetensors")
     expected = mm.merge(base.to(torch.bfloat16), [m.to(torch.bfloat16) for m in finetuned], "task_arithmetic",
