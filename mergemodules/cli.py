@@ -5,15 +5,21 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from torch import nn
 
 from .decompose import resolve_rank
+from .files import check_writable
 from .io import load_merge_state, save_fused, save_merge_state
 from .methods import Method, get_method
 from .methods.ties import Ties
@@ -40,11 +46,38 @@ examples:
   mergemodules fuse merge_state.safetensors --recipe recipe.yaml -o fused.safetensors
 
 The recipe format is documented in docs/recipes.md (full example: examples/recipe.yaml).
+
+Recipes that name callables (model.callable, adapt.data, adapt.eval: 'file.py:function' or
+'module:function') are code: merge, adapt and fuse import and run them, as 'python file.py' would.
+'merge --check' and 'inspect' do not, unless given --trust-code. Check a downloaded recipe first.
+
+Outputs are never an input (same file, a link to it, or inside an input folder); an existing output
+(file or folder) is replaced only with --force. Exit status: 0 ok, 1 a checkpoint, merge state or
+data callable that cannot be used, 2 a bad command line or recipe, 3 the system refused (permission,
+disk full, a folder where a file belongs), 130 interrupted.
 """
+FORCE_HELP = "replace an existing output (file or folder); inputs are never overwritten"
+TRUST_HELP = "import and run the recipe's model.callable (recipes naming callables are code)"
 
 
 class CommandError(Exception):
-    """A problem with the command line, reported without a traceback."""
+    """A problem with the command line or its files, reported as one line with exit status ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+EXIT_DATA, EXIT_USAGE, EXIT_SYSTEM, EXIT_INTERRUPTED = 1, 2, 3, 130  # documented in docs/recipes.md
+
+
+class _Output(NamedTuple):
+    """A path a command writes: ``kind`` is "safetensors", "folder" or "file" (any suffix)."""
+
+    label: str
+    path: Path
+    kind: str
+    replace_ok: bool = False  # the command reads and updates it (adapt --resume's checkpoint)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -65,13 +98,88 @@ def _output(recipe: Recipe | None, given: str | None) -> Path:
     return out
 
 
-def _check_output(out: Path, folder: bool, force: bool) -> None:
-    if not folder and out.suffix != ".safetensors":
-        raise CommandError(f"output {str(out)!r}: expected a .safetensors file")
+def _code_file(spec: str | None, folder: Path) -> Path | None:
+    module = (spec or "").rpartition(":")[0]
+    return folder / module if module.endswith(".py") else None
+
+
+def _recipe_inputs(recipe: Recipe) -> dict[str, Path]:
+    """Every file or folder a recipe reads, by the key that names it."""
+    inputs = {"the recipe": recipe.path}
+    if recipe.is_hf:
+        inputs["model.hf"] = recipe.folder / recipe.model.name
+    if recipe.base is not None:
+        inputs["base"] = recipe.base.path
+    inputs.update({f"tasks[{i}]": task.path for i, task in enumerate(recipe.tasks)})
+    code = {"model.callable": recipe.model.name if recipe.model.kind == "callable" else None,
+            "adapt.data": recipe.adapt.data if recipe.adapt else None,
+            "adapt.eval": recipe.adapt.eval if recipe.adapt else None}
+    for key, spec in code.items():
+        path = _code_file(spec, recipe.folder)
+        if path is not None:
+            inputs[key] = path
+    return inputs
+
+
+def _within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _overlap(out: Path, other: Path) -> str | None:
+    """How writing ``out`` would hit ``other``: the same file (also through links), inside it, or holding it."""
+    if out.exists() and other.exists() and os.path.samefile(out, other):
+        return "is the same file as"
+    real_out, real_other = os.path.realpath(out), os.path.realpath(other)
+    if real_out == real_other:
+        return "is the same path as"
+    if other.is_dir() and _within(real_out, real_other):
+        return "is inside"
+    if out.is_dir() and _within(real_other, real_out):
+        return "is a folder holding"
+    return None
+
+
+def _check_output(output: _Output, force: bool) -> None:
+    label, out, kind = output.label, output.path, output.kind
+    if kind == "safetensors" and out.suffix != ".safetensors":
+        raise CommandError(f"{label} {str(out)!r}: expected a .safetensors file")
     if not out.parent.is_dir():
-        raise CommandError(f"output folder {str(out.parent)!r} does not exist")
-    if folder and out.exists() and not (out.is_dir() and force):
-        raise CommandError(f"output {str(out)!r} exists; pass --force to replace it")
+        raise CommandError(f"{label} {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    if out.exists() or out.is_symlink():
+        if out.is_dir() != (kind == "folder"):
+            raise CommandError(f"{label} {str(out)!r} exists and is a {'folder' if out.is_dir() else 'file'}, "
+                               f"not a {'folder' if kind == 'folder' else 'file'}: remove it or choose another name")
+        if not (force or output.replace_ok):
+            raise CommandError(f"{label} {str(out)!r} exists; pass --force to replace it")
+    try:
+        check_writable(out)
+    except OSError as err:
+        raise CommandError(f"{label} {str(out)!r}: cannot write in {str(out.parent)!r}: {err.strerror}",
+                           EXIT_SYSTEM) from None
+
+
+def _check_outputs(outputs: Sequence[_Output], inputs: Mapping[str, Path], force: bool) -> None:
+    """Before any work: no output is, holds or lies inside an input or another output; each is new (or
+    ``--force``) and its folder writable."""
+    for i, output in enumerate(outputs):
+        others = {**inputs, **{o.label: o.path for o in outputs[:i]}}
+        for label, path in others.items():
+            relation = _overlap(output.path, path)
+            if relation:
+                advice = "refusing to overwrite an input" if label in inputs else "choose distinct outputs"
+                raise CommandError(f"{output.label} {str(output.path)!r} {relation} {label} {str(path)!r}: {advice}")
+        _check_output(output, force)
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Name ``path`` in an OSError raised while writing it (a full disk's error names no file)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is not None and err.filename is None:
+            raise type(err)(err.errno, err.strerror, str(path)) from err
+        raise
 
 
 def _real_model(recipe: Recipe, entries: Sequence[Entry]) -> nn.Module:
@@ -99,10 +207,11 @@ def _write_fused(
     """Write the fused model, each floating tensor cast to ``out_dtype`` or else to the base checkpoint's dtype."""
     stored = shapes_of(recipe.base_checkpoint().open()) if recipe is not None else model_fused.state_dict()
     cast_tensors_(model_fused, output_dtypes(stored, out_dtype))
-    if recipe is not None and recipe.is_hf:
-        write_hf_folder(out, recipe.folder / recipe.model.name, model_fused.save_pretrained, force)
-    else:
-        save_fused(model_fused, out)
+    with _writing(out):
+        if recipe is not None and recipe.is_hf:
+            write_hf_folder(out, recipe.folder / recipe.model.name, model_fused.save_pretrained, force)
+        else:
+            save_fused(model_fused, out)
     logger.info("wrote %s", out)
 
 
@@ -111,17 +220,22 @@ def _write_fused(
 
 def cmd_merge(args: argparse.Namespace) -> None:
     """Static merge of a recipe, layer by layer from lazily read checkpoints, straight to a fused file."""
-    recipe, model, entries = load_recipe(args.recipe)
+    recipe, model, entries = load_recipe(args.recipe, run_code=args.trust_code or not args.check)
     recipe = _with_dtypes(recipe, args)
     if not _is_static(recipe.method):
         raise recipe.error(("method",), f"{recipe.method.name!r} learns its coefficients/masks by test-time "
                                         "adaptation: use 'mergemodules adapt' (or a static method)")
-    _report_plan(recipe, entries)
+    if entries is None:
+        logger.warning("%s: model.callable %r was not run (recipes naming callables are code; --trust-code runs "
+                       "it): the tasks were checked against the base checkpoint only", recipe.path, recipe.model.name)
+    else:
+        _report_plan(recipe, entries)
     if args.check:
+        if args.output or recipe.output:
+            _check_merge_output(recipe, args)
         logger.info("recipe OK; nothing merged (--check)")
         return
-    out = _output(recipe, args.output)
-    _check_output(out, recipe.is_hf, args.force)
+    out = _check_merge_output(recipe, args)
     base = recipe.base_checkpoint().open(device=recipe.device)  # stored dtypes: cast to recipe.dtype when merged
     tasks = [task.open(device=recipe.device) for task in recipe.tasks]
 
@@ -129,12 +243,20 @@ def cmd_merge(args: argparse.Namespace) -> None:
         save_fused_streaming(path, model, tasks, recipe.method, weights=base, progress=_progress(),
                              dtype=recipe.dtype, out_dtype=recipe.out_dtype, **recipe.merge_options())
 
-    if recipe.is_hf:
-        write_hf_folder(out, recipe.folder / recipe.model.name, lambda folder: write(folder / "model.safetensors"),
-                        args.force)
-    else:
-        write(out)
+    with _writing(out):
+        if recipe.is_hf:
+            write_hf_folder(out, recipe.folder / recipe.model.name,
+                            lambda folder: write(folder / "model.safetensors"), args.force)
+        else:
+            write(out)
     logger.info("wrote %s", out)
+
+
+def _check_merge_output(recipe: Recipe, args: argparse.Namespace) -> Path:
+    out = _output(recipe, args.output)
+    _check_outputs([_Output("output", out, "folder" if recipe.is_hf else "safetensors")], _recipe_inputs(recipe),
+                   args.force)
+    return out
 
 
 def _tasks(recipe: Recipe, data: str | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -147,7 +269,7 @@ def _tasks(recipe: Recipe, data: str | None) -> tuple[dict[str, Any], dict[str, 
     built = load_callable(where, recipe.folder)(**(spec.kwargs if spec else {}))
     if not isinstance(built, Mapping) or not built:
         raise CommandError(f"--data {where}: must return a non-empty mapping {{task name: Task}}, "
-                           f"got {type(built).__name__}")
+                           f"got {type(built).__name__}", EXIT_DATA)
     tasks = {name: t if isinstance(t, Task) else Task(*t) for name, t in built.items()}
     eval_data = load_callable(spec.eval, recipe.folder)(**spec.kwargs) if spec and spec.eval else None
     return tasks, eval_data
@@ -159,26 +281,61 @@ def cmd_adapt(args: argparse.Namespace) -> None:
 
     recipe, _, entries = load_recipe(args.recipe)
     recipe = _with_dtypes(recipe, args)
-    out = _output(recipe, args.output)
-    _check_output(out, recipe.is_hf, args.force)
-    tasks, eval_data = _tasks(recipe, args.data)
     spec = recipe.adapt
+    out = _output(recipe, args.output)
+    merge_state = Path(args.merge_state) if args.merge_state else (spec.merge_state if spec else None)
+    checkpoint = spec.checkpoint if spec else None
+    if args.resume and (checkpoint is None or not checkpoint.is_file()):
+        raise CommandError(f"--resume: no adaptation checkpoint {str(checkpoint or '(adapt.checkpoint unset)')!r}")
+    outputs = [_Output("output", out, "folder" if recipe.is_hf else "safetensors")]
+    if merge_state is not None:
+        outputs.append(_Output("--merge-state" if args.merge_state else "adapt.merge_state", merge_state,
+                               "safetensors"))
+    if checkpoint is not None:
+        outputs.append(_Output("adapt.checkpoint", checkpoint, "file", replace_ok=args.resume))
+    _check_outputs(outputs, _recipe_inputs(recipe), args.force)
+    tasks, eval_data = _tasks(recipe, args.data)
     model = _real_model(recipe, entries)
     sources = [task.open(recipe.dtype, recipe.device) for task in recipe.tasks]
     merged = merge(model, sources, recipe.method, progress=_progress(), **recipe.merge_options())
     history = adapt(
         merged, tasks, steps=args.steps or (spec.steps if spec else 100), lr=spec.lr if spec else 1e-3,
         seed=spec.seed if spec else 0, eval_data=eval_data, eval_every=spec.eval_every if spec else None,
-        checkpoint=spec.checkpoint if spec else None, checkpoint_every=spec.checkpoint_every if spec else None,
+        checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every if spec else None,
         resume=args.resume, progress=_progress(),
     )
     if history:
         logger.info("adapted %d steps; final loss %.4f", history[-1]["step"], history[-1]["loss"])
-    merge_state = Path(args.merge_state) if args.merge_state else (spec.merge_state if spec else None)
-    if merge_state is not None:
-        save_merge_state(merged, merge_state)
-        logger.info("wrote merge state %s", merge_state)
-    _write_fused(recipe, merged.fuse(), out, args.force, recipe.out_dtype)
+    _save_adapted(recipe, merged, out, merge_state, args.force)
+
+
+def _save_adapted(recipe: Recipe, merged: Any, out: Path, merge_state: Path | None, force: bool) -> None:
+    """Write the merge state (if asked) and the fused model; if that fails, keep the adapted λ/ℓ and say where."""
+    saved, writing = None, merge_state or out
+    try:
+        if merge_state is not None:
+            with _writing(merge_state):
+                save_merge_state(merged, merge_state)
+            saved, writing = merge_state, out
+            logger.info("wrote merge state %s", merge_state)
+        _write_fused(recipe, merged.fuse(), out, force, recipe.out_dtype)
+    except Exception as err:
+        saved = saved or _save_fallback(merged)
+        where = (f"the adapted merge state is in {str(saved)!r} (mergemodules fuse {saved} --recipe {recipe.path} "
+                 "-o OUT writes the fused model)" if saved else "the adapted merge state could not be saved")
+        raise CommandError(f"writing {str(writing)!r}: {_one_line(err)}; {where}",
+                           EXIT_SYSTEM if isinstance(err, OSError) else EXIT_DATA) from err
+
+
+def _save_fallback(merged: Any) -> Path | None:
+    """Save the merge state to the temp folder (else the working folder); None if neither can be written."""
+    name = f"mergemodules-adapted-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.safetensors"
+    for folder in (tempfile.gettempdir(), os.getcwd()):
+        try:
+            return save_merge_state(merged, Path(folder) / name)
+        except OSError as err:
+            logger.warning("could not save the merge state in %s: %s", folder, err)
+    return None
 
 
 def _model_from_spec(spec: str, meta: bool) -> nn.Module:
@@ -190,17 +347,22 @@ def _model_from_spec(spec: str, meta: bool) -> nn.Module:
 
 def cmd_fuse(args: argparse.Namespace) -> None:
     """Rebuild a merged model from a merge state and write its fused weights."""
-    out = Path(args.output)
+    out, state = Path(args.output), Path(args.merge_state)
+    if not state.is_file():
+        raise CommandError(f"merge state {str(state)!r} does not exist or is not a file")
+    inputs = {"the merge state": state}
     recipe, entries = None, None
     if args.recipe:
         recipe, _, entries = load_recipe(args.recipe)
-        model = _real_model(recipe, entries)
-    elif args.model:
-        model = _model_from_spec(args.model, meta=False)
-    else:
+        inputs.update(_recipe_inputs(recipe))
+    elif args.model and args.model.startswith("hf:"):
+        inputs["--model"] = Path(args.model[3:])
+    elif not args.model:
         raise CommandError("fuse needs the architecture: --recipe RECIPE or --model KIND:NAME")
-    _check_output(out, recipe is not None and recipe.is_hf, args.force)
-    merged = load_merge_state(model, args.merge_state)
+    _check_outputs([_Output("output", out, "folder" if recipe is not None and recipe.is_hf else "safetensors")],
+                   inputs, args.force)
+    model = _real_model(recipe, entries) if recipe is not None else _model_from_spec(args.model, meta=False)
+    merged = load_merge_state(model, state)
     out_dtype = DTYPES[args.out_dtype] if args.out_dtype else recipe.out_dtype if recipe is not None else None
     _write_fused(recipe, merged.fuse(), out, args.force, out_dtype)
 
@@ -266,16 +428,17 @@ def _print_plan(rows: list[dict[str, Any]], method: Method, T: int, bytes_per: i
 def cmd_inspect(args: argparse.Namespace) -> None:
     """Print which tensors are merged as matrices, their shapes, the kept ranks and the memory needed."""
     if args.recipe:
-        recipe, _, entries = load_recipe(args.recipe)
-        method = get_method(recipe.method, **_options(args.option)) if args.option else recipe.method
-        if args.method:
-            method = get_method(args.method, **_options(args.option))
+        recipe, _, entries = load_recipe(args.recipe, run_code=args.trust_code)
+        if entries is None:
+            raise CommandError(f"{recipe.path}: model.callable {recipe.model.name!r} is code and was not run; "
+                               "inspect needs the model: pass --trust-code to run it (everything else checked)")
+        method = _method(args.method or recipe.method, args.option)
         T = args.tasks or len(recipe.tasks)
         dtype = recipe.dtype or torch.float32
     elif args.model:
         model = _model_from_spec(args.model, meta=True)
         entries = plan(model)
-        method = get_method(args.method or "task_arithmetic", **_options(args.option))
+        method = _method(args.method or "task_arithmetic", args.option)
         T = args.tasks or 8
         dtype = next(model.parameters()).dtype
     else:
@@ -285,14 +448,20 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     _print_plan(rows, method, T, bytes_per, args.all)
 
 
-def _options(pairs: Sequence[str] | None) -> dict[str, Any]:
+def _method(method: str | Method, pairs: Sequence[str] | None) -> Method:
+    """``method`` with the ``--option KEY=VALUE`` pairs applied (values parsed as YAML scalars)."""
     options = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep:
             raise CommandError(f"--option {pair!r}: expected KEY=VALUE")
         options[key] = yaml.safe_load(value)
-    return options
+        if isinstance(options[key], float) and not math.isfinite(options[key]):
+            raise CommandError(f"--option {pair!r}: not a finite number")
+    try:
+        return get_method(method, **options)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CommandError(f"--method/--option: {_one_line(err)}") from None
 
 
 def _report_plan(recipe: Recipe, entries: Sequence[Entry]) -> None:
@@ -339,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output",
                    help="output .safetensors file (HF models: a folder); default: the recipe's 'output'")
     p.add_argument("--check", action="store_true", help="validate the recipe and report the plan; merge nothing")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--trust-code", action="store_true", help=TRUST_HELP + " under --check")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     _dtype_flags(p)
     p.set_defaults(func=cmd_merge)
 
@@ -349,10 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="YAML recipe with an 'adapt' section")
     p.add_argument("-o", "--output", help="fused output; default: the recipe's 'output'")
     p.add_argument("--data", help="override adapt.data: 'module:function' or 'file.py:function'")
-    p.add_argument("--steps", type=int, help="override adapt.steps")
+    p.add_argument("--steps", type=_positive_int, help="override adapt.steps")
     p.add_argument("--resume", action="store_true", help="continue from adapt.checkpoint")
     p.add_argument("--merge-state", help="also save the adapted merge state (factors, λ, ℓ) here")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     _dtype_flags(p)
     p.set_defaults(func=cmd_adapt)
 
@@ -363,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="KIND:NAME, e.g. timm:vit_base_patch16_224, open_clip:ViT-B-32, hf:path/to/folder")
     p.add_argument("--method", help="method to plan for (default: the recipe's, else task_arithmetic)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. rank=0.08 (repeatable)")
-    p.add_argument("--tasks", type=int, help="number of tasks T (default: the recipe's, else 8)")
+    p.add_argument("--tasks", type=_positive_int, help="number of tasks T (default: the recipe's, else 8)")
     p.add_argument("--all", action="store_true", help="list every tensor, not only the matrices")
+    p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("fuse", parents=[common], help="write the fused weights of a saved merge state",
@@ -374,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .safetensors file (HF models: a folder)")
     p.add_argument("--recipe", help="recipe naming the architecture (and base weights for buffers)")
     p.add_argument("--model", help="KIND:NAME of the architecture instead of a recipe")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     _dtype_flags(p, compute=False)
     p.set_defaults(func=cmd_fuse)
     return parser
@@ -396,22 +567,52 @@ def _cli_logging(verbose: bool, quiet: bool) -> Iterator[None]:
         package.setLevel(level)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(err).__name__
+
+
+def _exit_code(err: BaseException) -> int | None:
+    """The documented exit status of an error a user can cause; None for anything else (a bug: traceback)."""
+    if isinstance(err, (RecipeError, CommandError)):
+        return err.exit_code
+    if isinstance(err, FileNotFoundError):
+        return EXIT_USAGE
+    if isinstance(err, (OSError, MemoryError)):
+        return EXIT_SYSTEM
+    if isinstance(err, (ValueError, KeyError, TypeError, RuntimeError, FloatingPointError, ImportError,
+                        AttributeError, SafetensorError)):  # RuntimeError includes RecursionError
+        return EXIT_DATA
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 bad recipe or arguments, 1 other errors)."""
+    """Run the command line; returns the exit status (0 ok, 1 unusable input files, 2 bad recipe or
+    arguments, 3 the system refused, 130 interrupted), printing one line naming the file and key on error."""
     args = build_parser().parse_args(argv)
     with _cli_logging(args.verbose, args.quiet):
         try:
             args.func(args)
-        except (RecipeError, CommandError) as err:
-            print(f"mergemodules {args.command}: error: {err}", file=sys.stderr)
-            return 2
-        except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
-            if args.verbose:
+            return 0
+        except KeyboardInterrupt:
+            message, code = "interrupted", EXIT_INTERRUPTED
+        except Exception as err:  # noqa: BLE001 - sorted by _exit_code; unknown errors keep their traceback
+            code = _exit_code(err)
+            if code is None or args.verbose and not isinstance(err, (RecipeError, CommandError)):
                 raise
-            message = err.args[0] if isinstance(err, KeyError) and err.args else err
-            print(f"mergemodules {args.command}: error: {message}", file=sys.stderr)
-            return 1
-    return 0
+            message = _one_line(err)
+    print(f"mergemodules {args.command}: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

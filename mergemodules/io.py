@@ -8,7 +8,6 @@ import copy
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -19,6 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .build import persistent_buffers
+from .files import new_temp, remove_stale_temps
 from .layers import MergedTensor, MergedWeight, _Merged, check_finite
 from .methods import Method
 from .surgery import MergedModel, install
@@ -33,14 +33,20 @@ _SEP = "::"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    The file gets the mode a plain ``open()`` gives (the umask's); temporaries of ``path`` left by a
+    killed writer are removed first (``mergemodules.files.remove_stale_temps``).
+    """
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    remove_stale_temps(path)
+    tmp = new_temp(path)
     try:
-        write(tmp)
+        mode = os.stat(tmp).st_mode & 0o777  # what open() gives under the umask
+        write(str(tmp))
+        os.chmod(tmp, mode)  # writers such as safetensors' save_file recreate the file with mode 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -8,23 +8,27 @@ files, which refuses unsafe pickles) — all without reading or merging any weig
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import yaml
 from torch import Tensor, nn
 
 from .build import check_sources
+from .decompose import resolve_rank
 from .methods import Method, get_method
 from .sources import MODEL_KINDS, build_model, open_checkpoint, shapes_of
 from .streaming import check_weights
 from .targets import Entry, plan
 
-__all__ = ["Recipe", "ModelSpec", "CheckpointSpec", "AdaptSpec", "RecipeError", "load_recipe", "parse_recipe", "DTYPES"]
+__all__ = ["Recipe", "ModelSpec", "CheckpointSpec", "AdaptSpec", "RecipeError", "CheckpointError", "load_recipe", "parse_recipe", "DTYPES"]
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -38,10 +42,19 @@ ADAPT_KEYS = ("data", "kwargs", "eval", "steps", "lr", "seed", "eval_every", "ch
               "merge_state")
 
 KeyPath = tuple[Any, ...]
+OPTION_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, line and key."""
+
+    exit_code = 2  # mergemodules exit status (docs/recipes.md)
+
+
+class CheckpointError(RecipeError):
+    """A checkpoint the recipe names is unreadable or does not fit the architecture (file, line and key)."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -142,41 +155,72 @@ def _located(path: Path, lines: Mapping[KeyPath, int], key: KeyPath, message: st
     return f"{path}: {_dotted(key)}: {message}"
 
 
+MAX_DEPTH = 32  # nesting of mappings and lists; a recipe needs 4
+
+
 def _read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
-    """The document and the line of every key (1-based), via the node marks; duplicate keys are errors."""
-    text = path.read_text()
+    """The document and the line of every key (1-based), via the node marks.
+
+    Duplicate keys, non-scalar keys, nesting deeper than ``MAX_DEPTH`` and aliases (``*name``) of
+    mappings or lists are errors: the node tree is checked before anything is constructed, so a
+    "billion laughs" recipe fails at once instead of expanding.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+        lines = {} if node is None else _node_lines(path, node)
         data = None if node is None else loader.construct_document(node)
+    except RecipeError:
+        raise
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise RecipeError(f"{where}: invalid YAML: {err.problem or err.context}") from None
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError, TypeError) as err:
         raise RecipeError(f"{path}: invalid YAML: {err}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: invalid YAML: nested too deeply (more than {MAX_DEPTH} levels)") from None
     finally:
         loader.dispose()
-    lines: dict[KeyPath, int] = {}
-
-    def walk(node: yaml.Node, key: KeyPath) -> None:
-        lines.setdefault(key, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, value in node.value:
-                name = key_node.value
-                if name in seen:
-                    raise RecipeError(f"{path}:{key_node.start_mark.line + 1}: {_dotted(key + (name,))}: duplicate key")
-                seen.add(name)
-                lines[key + (name,)] = key_node.start_mark.line + 1
-                walk(value, key + (name,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, key + (i,))
-
-    if node is not None:
-        walk(node, ())
     return data, lines
+
+
+def _node_lines(path: Path, root: yaml.Node) -> dict[KeyPath, int]:
+    """The line of every key path of a composed YAML tree, checking it is a small plain tree (see _read_yaml)."""
+    lines: dict[KeyPath, int] = {}
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, KeyPath]] = [(root, ())]
+    while stack:
+        node, key = stack.pop()
+        line = node.start_mark.line + 1
+        lines.setdefault(key, line)
+        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            continue
+        if id(node) in seen:  # an alias: the node marks are the anchor's, the key's line is where it is used
+            used = lines[key[:-1]] if key and isinstance(key[-1], int) else lines[key]
+            raise RecipeError(f"{path}:{used}: {_dotted(key)}: an alias (*name) of a mapping or list is not "
+                              "supported in recipes (aliases of single values are)")
+        seen.add(id(node))
+        if len(key) >= MAX_DEPTH:
+            raise RecipeError(f"{path}:{line}: {_dotted(key)}: nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, key + (i,)) for i, item in reversed(list(enumerate(node.value))))
+            continue
+        names = set()
+        for key_node, value in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise RecipeError(f"{path}:{key_node.start_mark.line + 1}: {_dotted(key)}: keys must be plain names")
+            name = key_node.value
+            if name in names:
+                raise RecipeError(f"{path}:{key_node.start_mark.line + 1}: {_dotted(key + (name,))}: duplicate key")
+            names.add(name)
+            lines[key + (name,)] = key_node.start_mark.line + 1
+        stack.extend((value, key + (key_node.value,)) for key_node, value in reversed(node.value))
+    return lines
 
 
 class _Parser:
@@ -253,11 +297,42 @@ class _Parser:
         name = self.typed(doc["method"], ("method",), str, "a method name")
         options = self.typed(doc.get("options") or {}, ("options",), dict, "a mapping of method options")
         try:
-            return get_method(name, **options)
+            method = get_method(name)
         except KeyError as err:  # UnknownMethodError
             raise self.error(("method",), str(err.args[0])) from None
+        for option, value in options.items():
+            self.option(method, option, value)
+        try:
+            return get_method(method, **options)
         except (TypeError, ValueError) as err:
-            raise self.error(("options",), str(err)) from None
+            key = next((k for k in options if str(err).startswith((f"{k}=", f"{k}:", f"{k} "))), None)
+            raise self.error(("options",) if key is None else ("options", key), str(err)) from None
+
+    def option(self, method: Method, name: str, value: Any) -> None:
+        """Check an option's value against its declared type (and ``rank``'s domain) before it is applied."""
+        key = ("options", name)
+        fields = {f.name: f for f in dataclasses.fields(method)}
+        fields.update({f.name: f for f in dataclasses.fields(method.transform)} if dataclasses.is_dataclass(
+            method.transform) else {})
+        declared = fields.get(name)
+        types = [OPTION_TYPES.get(t.strip()) for t in str(declared.type).split("|")] if declared else [None]
+        if None not in types and not any(isinstance(value, t) and (t is bool or not isinstance(value, bool))
+                                         for t in types):
+            hint = " (YAML reads a number without a '.' such as 1e-3 as text: write 1.0e-3)" if isinstance(
+                value, str) and _is_number(value) else ""
+            raise self.error(key, f"expected {declared.type}, got {value!r}{hint}")
+        if name in ("rank", "mask_rank") and value is not None and (
+            isinstance(value, float) and not 0.0 < value <= 1.0 or isinstance(value, int) and value <= 0
+        ):
+            raise self.error(key, f"{value!r}: expected a positive integer or a fraction in (0, 1]")
+
+    def finite(self, value: Any, key: KeyPath) -> None:
+        """Refuse NaN and ±inf anywhere in the recipe (``.nan``, ``.inf`` in YAML)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(key, f"{value!r} is not a finite number")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for name, item in items:
+            self.finite(item, key + (name,))
 
     def adapt(self, value: Any) -> AdaptSpec | None:
         if value is None:
@@ -272,8 +347,12 @@ class _Parser:
         for name in ("steps", "seed", "eval_every", "checkpoint_every"):
             if spec.get(name) is not None:
                 kw[name] = self.typed(spec[name], ("adapt", name), int, "an integer")
+                if name != "seed" and kw[name] <= 0:
+                    raise self.error(("adapt", name), f"expected a positive integer, got {kw[name]!r}")
         if spec.get("lr") is not None:
             kw["lr"] = float(self.typed(spec["lr"], ("adapt", "lr"), (int, float), "a number"))
+            if kw["lr"] <= 0:
+                raise self.error(("adapt", "lr"), f"expected a positive learning rate, got {spec['lr']!r}")
         for name in ("checkpoint", "merge_state"):
             if spec.get(name) is not None:
                 kw[name] = self.path.parent / self.typed(spec[name], ("adapt", name), str, "a path")
@@ -281,6 +360,7 @@ class _Parser:
 
     def recipe(self, doc: Any) -> Recipe:
         doc = self.mapping(doc, (), KEYS)
+        self.finite(doc, ())
         if "model" not in doc:
             raise self.error(("model",), "missing: the architecture, e.g. 'model: {timm: vit_base_patch16_224}'")
         model = self.model(doc["model"])
@@ -318,6 +398,14 @@ class _Parser:
         )
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate a recipe's YAML, keys, types, method, options and file paths (no model is built)."""
     path = Path(path)
@@ -329,12 +417,16 @@ def parse_recipe(path: str | os.PathLike) -> Recipe:
     return _Parser(path, lines).recipe(data)
 
 
-def check_recipe(recipe: Recipe) -> tuple[nn.Module, list[Entry]]:
+def check_recipe(recipe: Recipe, run_code: bool = True) -> tuple[nn.Module | None, list[Entry] | None]:
     """Build the architecture on the meta device and check every checkpoint's keys and shapes against it.
 
     Reads only safetensors headers (PyTorch files are memory-mapped with ``weights_only=True``).
-    Returns the meta model and its merge plan.
+    Returns the meta model and its merge plan. With ``run_code=False`` a ``model.callable`` is not
+    imported: the tasks are checked against the base checkpoint instead, and (None, None) is returned.
     """
+    if recipe.model.kind == "callable" and not run_code:
+        _check_without_model(recipe)
+        return None, None
     try:
         model = recipe.model.build(recipe.folder, meta=True)
     except (ValueError, TypeError, AttributeError, ImportError, FileNotFoundError, OSError) as err:
@@ -344,27 +436,83 @@ def check_recipe(recipe: Recipe) -> tuple[nn.Module, list[Entry]]:
     except (ValueError, TypeError) as err:
         key = next((k for k in ("targets", "exclude", "matrices") if k in str(err).split(":")[0]), "targets")
         raise recipe.error((key,), str(err)) from None
+    _check_ranks(recipe, entries)
     base = recipe.base_checkpoint()
-    base_key: KeyPath = ("base",) if recipe.base is not None else ("model", "hf")
-    try:
+    with _checkpoint_errors(recipe, _base_key(recipe), base.path):
         check_weights(entries, shapes_of(base.open(recipe.dtype)), model)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
-        raise recipe.error(base_key, f"{base.path}: {_message(err)}") from None
     for i, task in enumerate(recipe.tasks):
-        try:
+        with _checkpoint_errors(recipe, ("tasks", i)):
             shapes = shapes_of(task.open(recipe.dtype))
             check_sources(entries, [shapes], set(model.state_dict()), labels=[str(task.path)])
-        except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
-            raise recipe.error(("tasks", i), _message(err)) from None
     return model, entries
+
+
+def _base_key(recipe: Recipe) -> KeyPath:
+    return ("base",) if recipe.base is not None else ("model", "hf")
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(recipe: Recipe, key: KeyPath, path: Path | None = None) -> Iterator[None]:
+    """Turn a checkpoint's problem into a CheckpointError at ``key`` (prefixed with ``path`` unless named)."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
+        message = _message(err)
+        if path is not None and str(path) not in message:
+            message = f"{path}: {message}"
+        raise CheckpointError(_located(recipe.path, recipe.lines, key, message)) from None
+
+
+def _check_ranks(recipe: Recipe, entries: list[Entry]) -> None:
+    """``rank`` and ``mask_rank`` must fit every matrix the method decomposes (never clamped)."""
+    method = recipe.method
+    if method.matrices != "svd":
+        return
+    for entry in entries:
+        if not (entry.merged and entry.is_matrix):
+            continue
+        try:
+            kept = resolve_rank(method.rank, entry.shape, "rank")
+        except (TypeError, ValueError) as err:
+            raise recipe.error(("options", "rank"), f"{err} ({entry.name!r})") from None
+        if method.masks and method.mask_rank is not None:
+            try:
+                on = resolve_rank(method.mask_rank, entry.shape, "mask_rank")
+            except (TypeError, ValueError) as err:
+                raise recipe.error(("options", "mask_rank"), f"{err} ({entry.name!r})") from None
+            if on > kept:
+                raise recipe.error(("options", "mask_rank"), f"mask_rank keeps {on} components of "
+                                                              f"{entry.name!r} but only rank={kept} are stored")
+
+
+def _check_without_model(recipe: Recipe) -> None:
+    """Without the architecture: every task must hold the base checkpoint's keys with its shapes."""
+    base = recipe.base_checkpoint()
+    with _checkpoint_errors(recipe, _base_key(recipe), base.path):
+        reference = {k: tuple(v.shape) for k, v in shapes_of(base.open(recipe.dtype)).items()}
+    for i, task in enumerate(recipe.tasks):
+        with _checkpoint_errors(recipe, ("tasks", i)):
+            shapes = {k: tuple(v.shape) for k, v in shapes_of(task.open(recipe.dtype)).items()}
+            missing, extra = sorted(set(reference) - set(shapes)), sorted(set(shapes) - set(reference))
+            if missing or extra:
+                raise KeyError(f"{task.path} does not have the base's keys: missing {missing[:5]}, "
+                               f"unexpected {extra[:5]}")
+            for key, shape in reference.items():
+                if shapes[key] != shape:
+                    raise ValueError(f"{task.path}[{key!r}] has shape {shapes[key]}, the base has {shape}")
 
 
 def _message(err: Exception) -> str:
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
-def load_recipe(path: str | os.PathLike) -> tuple[Recipe, nn.Module, list[Entry]]:
-    """Parse and fully check a recipe before any work: returns it, the meta-device model and the merge plan."""
+def load_recipe(
+    path: str | os.PathLike, run_code: bool = True
+) -> tuple[Recipe, nn.Module | None, list[Entry] | None]:
+    """Parse and fully check a recipe before any work: returns it, the meta-device model and the merge plan.
+
+    ``run_code=False`` does not import a ``model.callable`` (see :func:`check_recipe`).
+    """
     recipe = parse_recipe(path)
-    model, entries = check_recipe(recipe)
+    model, entries = check_recipe(recipe, run_code)
     return recipe, model, entries

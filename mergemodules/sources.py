@@ -11,19 +11,20 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
 import struct
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from .files import new_temp, remove_stale_temps
 from .io import atomic_write
 
 __all__ = [
@@ -40,8 +41,11 @@ SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    **{name: getattr(torch, attr) for name, attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"))
+       if hasattr(torch, attr)},
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the limit of the safetensors library itself
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".index.json")
 
 
@@ -179,8 +183,12 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
         # A fresh mapping per lookup: the tensor is a view of the file's pages, which leave the
         # process's resident memory when the tensor is freed (a long-lived handle would keep every
         # page ever read resident, T model sizes of RSS by the end of a merge).
-        with safe_open(str(self._files[key]), framework="pt", device="cpu") as f:
-            return _convert(f.get_tensor(key), self.dtype, self.device)
+        try:
+            with safe_open(str(self._files[key]), framework="pt", device="cpu") as f:
+                tensor = f.get_tensor(key)
+        except SafetensorError as err:  # e.g. the file changed since its header was checked
+            raise ValueError(f"{str(self._files[key])!r}: cannot read tensor {key!r}: {err}") from None
+        return _convert(tensor, self.dtype, self.device)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
@@ -200,18 +208,75 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name → (shape, dtype) of every tensor in a safetensors file, from its header alone."""
+    """Name → (shape, dtype) of every tensor in a safetensors file, from its header alone, fully validated.
+
+    The header must be a JSON object of entries ``{"dtype", "shape", "data_offsets"}`` with a known
+    dtype, a shape of non-negative ints and offsets that match shape × item size and tile the data
+    section exactly (so a truncated or padded file is refused). Any problem is a ValueError naming
+    the file (and the tensor).
+    """
     path = Path(path)
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > os.path.getsize(path):
-                raise ValueError("header length exceeds the file size")
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        return {key: (tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]]) for key, info in header.items()}
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from err
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"{size} bytes: too short for a safetensors header")
+            (length,) = struct.unpack("<Q", prefix)
+            if not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+            text = f.read(length).decode("utf-8")
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{str(path)!r} is not a safetensors file: its header is not valid JSON: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r} is not a safetensors file: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{str(path)!r} is not a safetensors file: its header is a JSON {type(header).__name__}, "
+                         "not an object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{str(path)!r}: '__metadata__' must map names to strings")
+    tensors = {key: _header_entry(path, key, info) for key, info in header.items()}
+    _check_offsets(path, {key: offsets for key, (_, _, offsets) in tensors.items()}, size - 8 - length)
+    return {key: (shape, dtype) for key, (shape, dtype, _) in tensors.items()}
+
+
+def _header_entry(path: Path, key: str, info: Any) -> tuple[tuple[int, ...], torch.dtype, tuple[int, int]]:
+    """(shape, dtype, data offsets) of one header entry, checked."""
+    where = f"{str(path)!r}: tensor {key!r}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(f"{where}: expected {{'dtype', 'shape', 'data_offsets'}}, got {str(info)[:80]}")
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise ValueError(f"{where}: unknown dtype {info['dtype']!r}; known: {sorted(SAFETENSORS_DTYPES)}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets):
+        raise ValueError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, shape {shape} "
+                         f"of {info['dtype']} needs {nbytes}")
+    return tuple(shape), dtype, (offsets[0], offsets[1])
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_offsets(path: Path, offsets: Mapping[str, tuple[int, int]], data_size: int) -> None:
+    """The tensors' byte ranges must tile the data section exactly: no gap, no overlap, nothing missing."""
+    position, previous = 0, None
+    for key, (begin, end) in sorted(offsets.items(), key=lambda item: item[1]):
+        if begin != position:
+            problem = f"overlaps tensor {previous!r}" if begin < position else f"leaves a gap at byte {position}"
+            raise ValueError(f"{str(path)!r}: tensor {key!r} at data_offsets {[begin, end]} {problem}")
+        position, previous = end, key
+    if position != data_size:
+        raise ValueError(f"{str(path)!r}: the header describes {position} bytes of tensor data, the file holds "
+                         f"{data_size} (truncated or padded file)")
 
 
 def _target_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
@@ -285,11 +350,25 @@ def hf_weight_files(folder: str | os.PathLike) -> list[Path]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [folder / name for name in dict.fromkeys(weight_map.values())]
+            return [folder / name for name in _index_files(index)]
         if (folder / single).is_file():
             return [folder / single]
     raise FileNotFoundError(f"{str(folder)!r} holds no model.safetensors or pytorch_model.bin (sharded or not)")
+
+
+def _index_files(index: Path) -> list[str]:
+    """The shard file names of a sharded checkpoint's index, each a plain file name in the index's folder."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{str(index)!r} is not a checkpoint index with a 'weight_map': {err!r}") from None
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"{str(index)!r}: shard {name!r} is not a file name in the index's folder")
+        if not (index.parent / name).is_file():
+            raise FileNotFoundError(f"{str(index)!r}: shard {name!r} does not exist")
+    return names
 
 
 def open_checkpoint(
@@ -408,15 +487,22 @@ def write_hf_folder(out: Path, model_folder: Path, write: Callable[[Path], None]
 
     Its ``config.json`` states the dtype of the weights written (:func:`declare_dtype`).
     """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_temps(out)
+    tmp = new_temp(out, folder=True)  # the umask's mode, as mkdir gives
     try:
         for item in model_folder.iterdir():
             if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copy2(item, tmp / item.name)
         write(tmp)
         declare_dtype(tmp)
-        if out.exists() and force:
+        file_mode = tmp.stat().st_mode & 0o666  # as open() gives under the umask (save_file writes 0600)
+        for item in tmp.iterdir():
+            if item.is_file() and not item.is_symlink():
+                item.chmod(file_mode)
+        if force and out.is_dir() and not out.is_symlink():
             shutil.rmtree(out)
+        elif force and out.exists():
+            out.unlink()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

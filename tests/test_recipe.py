@@ -11,18 +11,13 @@ import yaml
 import mergemodules.streaming
 from mergemodules.cli import main
 from mergemodules.recipe import RecipeError, load_recipe, parse_recipe
-from recipe_setup import timm_recipe, write_recipe, write_timm_checkpoints
+from recipe_setup import line_of, timm_recipe, write_recipe, write_timm_checkpoints
 
 
 @pytest.fixture()
 def folder(tmp_path: Path) -> Path:
     write_timm_checkpoints(tmp_path, tasks=2)
     return tmp_path
-
-
-def line_of(path: Path, text: str) -> int:
-    """1-based line of the first line of ``path`` containing ``text``."""
-    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
 
 
 def fails_before_work(recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> str:

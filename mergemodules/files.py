@@ -1,0 +1,80 @@
+"""Output files: temporary names beside an output, cleanup of stale ones, and checks before writing.
+
+Every output is written to a hidden temporary ``.NAME.PID.XXXXXXXX.tmp`` beside it and renamed into
+place. A process killed mid-write leaves that file behind; the next write of the same output removes
+it when its writer (PID) is no longer running on this machine and it has not changed for a minute.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+__all__ = ["new_temp", "remove_stale_temps", "check_writable", "STALE_AFTER_S"]
+
+logger = logging.getLogger(__name__)
+
+STALE_AFTER_S = 60.0
+
+
+def new_temp(path: Path, folder: bool = False) -> Path:
+    """Create an empty hidden temporary file (or folder) beside ``path``, with the mode ``open()`` gives.
+
+    The mode follows the umask (0644 under umask 022), as ``open(path, "w")`` or ``torch.save`` would.
+    """
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    if folder:
+        os.mkdir(tmp, 0o777)
+    else:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path, min_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove temporaries of ``path`` left by killed writers; returns the removed paths.
+
+    Only entries named exactly as :func:`new_temp` names them for ``path``, whose writer process is
+    gone and which have not been modified for ``min_age_s`` seconds, are removed.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if not match or _running(int(match[1])):
+            continue
+        try:
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime < min_age_s:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError as err:
+            logger.debug("could not remove stale temporary %s: %s", entry.path, err)
+            continue
+        logger.info("removed %s, left by an interrupted write of %s", entry.path, path)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def check_writable(path: Path) -> None:
+    """Create and remove a temporary beside ``path``: raises the OSError (e.g. PermissionError) if it cannot."""
+    os.unlink(new_temp(path))
