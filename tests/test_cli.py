@@ -102,8 +102,8 @@ def test_inspect_lists_matrices_ranks_and_memory(tmp_path: Path, capsys: pytest.
     entries = mm.targets.plan(timm_model(), exclude=["head"])
     matrices = [e for e in entries if e.merged and e.is_matrix]
     assert [r[0] for r in rows] == [e.name for e in matrices]
-    for row, entry in zip(rows, matrices):  # rank column: ⌈0.08 · min(out, in)⌉
-        assert int(row[-3]) == mm.resolve_rank(0.08, entry.shape) == 16
+    for row, entry in zip(rows, matrices):  # rank column: the rank the method keeps at 0.08 · min(out, in)
+        assert int(row[-3]) == mm.resolve_rank(0.08, entry.shape) < min(entry.shape) // 10
     assert "T=2 tasks" in out and "MiB" in out
 
 
