@@ -8,7 +8,11 @@ Variants, timed interleaved on the same batches (T tasks × ``--per-task`` image
   all tasks' batches concatenated in one call; every merged weight is materialised once per step
   (W = B + U·diag(λ·m·σ)·Vᵀ over the switched-on components, one GEMM) and the straight-through
   gradient of every mask logit comes from the one weight gradient;
-* ``mergemodules, per task``: one forward per task inside one ``weight_cache`` block (as ``tta.adapt``);
+* ``mergemodules, per task``: one forward per task inside one ``weight_cache`` block (``tta.adapt`` before
+  issue 15, and its fallback where the batches cannot be joined);
+* ``mm.adapt step``: one step of ``tta.adapt``'s own loop (its internal step: batches drawn from the
+  tasks' streams and joined, one forward, split to the heads, entropy, gradient, checks, Adam) on a copy of
+  the merged model; ``per_task_backward=True``: one task's forward and backward at a time;
 * ``mergemodules, rank=R``: CART+AdaRank storing only R·min(out, in) components per task;
 * ``reference AdaRank``: the technique of the public AdaRank code: every step, every tensor is rebuilt
   densely, task by task (U_t·diag(m_t·σ_t)·V_tᵀ from full-rank factors), summed with λ into a state
@@ -22,11 +26,13 @@ embedding, final projection, heads) is timed too, and each variant's time per bl
 the merged variants: their small projection overhead is counted as per-block).
 
     nice python benchmarks/bench_tta_step.py
+    nice python benchmarks/bench_tta_step.py --no-references --ranks ""   # plain, merged and adapt's step only
     python benchmarks/bench_tta_step.py --device cuda --layers 12 --repeat 10   # on a GPU, the whole tower
 """
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +40,10 @@ from torch.func import functional_call
 
 from common import (ARCHS, entropy_loss, finetuned_zoo, heads, images, interleaved_times, machine, markdown_table,
                     setup_threads, vision_tower)
-from mergemodules import MergedModel, merge, straight_through_mask, weight_cache
+from mergemodules import MergedModel, Task, merge, straight_through_mask, weight_cache
+from mergemodules.distributed import World
 from mergemodules.layers import MergedTensor, MergedWeight
+from mergemodules.tta import _Adaptation
 
 
 class ReferenceAdaRank(nn.Module):
@@ -157,6 +165,12 @@ def main() -> None:
         "mergemodules (concatenated batch)": lambda: step(merged),
         "mergemodules (per task, one weight_cache)": lambda: per_task_step(merged),
     }
+    for label, per_task_backward in (("mm.adapt step", False), ("mm.adapt step, per_task_backward=True", True)):
+        tasks = {f"task{t}": Task([b], h) for t, (b, h) in enumerate(zip(batches, task_heads))}
+        run = _Adaptation(copy.deepcopy(merged), tasks, lr=1e-3, seed=0, world=World(), concat=True, pad_id=0,
+                          per_task_backward=per_task_backward, autocast=None)
+        run.seed_rng()
+        variants[label] = lambda run=run: run.step(0)["loss"]
     variants.update({f"mergemodules, stored rank={r}": (lambda m=m: step(m)) for r, m in extra.items()})
     if not args.no_references:
         reference = ReferenceAdaRank(plain, merged).train()
@@ -177,6 +191,9 @@ def main() -> None:
           f"T={args.tasks} × {args.per_task} images; {machine()}; median of {args.repeat}")
     print(markdown_table(["variant", f"s / step ({args.layers} blocks)", "ratio to plain",
                           f"s / step ({full_layers} blocks, extrapolated)", "ratio to plain"], rows))
+    joined = times["mergemodules (concatenated batch)"]
+    print(f"mm.adapt step / concatenated batch: {times['mm.adapt step'] / joined:.3f} "
+          f"(per_task_backward=True: {times['mm.adapt step, per_task_backward=True'] / joined:.3f})")
 
 
 if __name__ == "__main__":

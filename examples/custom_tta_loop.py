@@ -51,8 +51,11 @@ print(f"learnables: {sum(p.numel() for p in merged.parameters())} numbers in {le
 optimizer = torch.optim.AdamW(merged.parameters(), lr=5e-3, weight_decay=0.0)  # any optimizer works
 for step in range(1, 41):
     batch = torch.randint(0, 64, (16,))
-    with mm.weight_cache():  # optional: evaluate each merged weight once for all tasks of the step
-        loss = sum(mm.entropy(head(merged(x[batch]))) for head, x in zip(heads, unlabeled))
+    # every task goes through the same merged encoder: one forward over all tasks' batches joined, each
+    # task's rows back to its head (with BatchNorm in training mode, which mixes the examples of a batch,
+    # run one forward per task inside `with mm.weight_cache():` instead)
+    features = merged(torch.cat([x[batch] for x in unlabeled])).split(len(batch))
+    loss = sum(mm.entropy(head(f)) for head, f in zip(heads, features))
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

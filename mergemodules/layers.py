@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +31,21 @@ _cache: dict[int, Tensor] | None = None
 
 
 @contextlib.contextmanager
-def weight_cache() -> Iterator[None]:
+def weight_cache(values: Mapping[nn.Module, Tensor] | None = None) -> Iterator[None]:
     """Compute each merged tensor at most once inside this block (one forward of a merged model).
 
     Code that reads a weight several times per forward (tied embeddings, attention reading
     ``out_proj.weight``) then pays for one evaluation. Nested blocks share the outer cache.
+    ``values`` (merged tensor module → tensor) pre-fills the block: those modules return the given
+    tensor, e.g. a detached leaf that gathers the weight's gradient over several backward passes.
     """
     global _cache
     if _cache is not None:
+        if values:
+            raise RuntimeError("weight_cache: values can only pre-fill the outermost block")
         yield
         return
-    _cache = {}
+    _cache = {id(module): value for module, value in (values or {}).items()}
     try:
         yield
     finally:
@@ -71,8 +75,6 @@ def all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-
-
 def straight_through_mask(logits: Tensor, temperature: float) -> Tensor:
     """AdaRank's binary mask: forward ``1[sigmoid(ℓ/T) ≥ 0.5]``, backward through ``sigmoid(ℓ/T)``.
 
@@ -81,6 +83,16 @@ def straight_through_mask(logits: Tensor, temperature: float) -> Tensor:
     soft = torch.sigmoid(logits / temperature)
     hard = (soft >= 0.5).to(soft.dtype)
     return hard + (soft - soft.detach())
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch < 2.4 has no device argument; meta has no autocast)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:
+        return False
 
 
 def _task_coefficients(coef: Tensor, num_tasks: int) -> Tensor:
@@ -118,13 +130,17 @@ class _Merged(nn.Module):
         raise NotImplementedError
 
     def forward(self) -> Tensor:
-        """The merged tensor, computed once per :func:`weight_cache` block."""
-        if _cache is None:
-            return self.compute()
-        key = id(self)
-        if key not in _cache:
-            _cache[key] = self.compute()
-        return _cache[key]
+        """The merged tensor in its stored dtype (autocast off), computed once per :func:`weight_cache` block."""
+        if _cache is not None and id(self) in _cache:
+            return _cache[id(self)]
+        if _autocast_enabled(self.base.device.type):
+            with torch.autocast(self.base.device.type, enabled=False):
+                value = self.compute()
+        else:
+            value = self.compute()
+        if _cache is not None:
+            _cache[id(self)] = value
+        return value
 
 
 class MergedTensor(_Merged):

@@ -3,50 +3,41 @@
 AdaMerging, CART++ and AdaRank learn λ (and AdaRank's mask logits ℓ) by minimising
 ``Σ_tasks H(softmax(head_task(merged(x))))`` over small unlabeled batches of every task
 (AdaRank Eq. 6, CART Algorithm 2). :func:`entropy` is that objective; :func:`adapt` is the
-ready loop (Adam, progress, history, evaluation, checkpoint and exact resume). A custom loop
-needs only ``merged.parameters()`` and :func:`entropy` (see ``examples/custom_tta_loop.py``).
+ready loop (Adam, one forward over all tasks' batches, progress, history, evaluation, checkpoint
+and exact resume, several processes with ``torch.distributed``). A custom loop needs only
+``merged.parameters()`` and :func:`entropy` (see ``examples/custom_tta_loop.py``).
 
-Reproducible data: each task's loader is read under its own random state, seeded from
-``(seed, task name, pass over the data)`` at the start of every pass; the torch, ``random`` and
-NumPy global generators and any ``torch.Generator`` attached to a ``DataLoader`` or its sampler
-are seeded so. A resumed run re-creates the current pass and skips the batches already used,
-so the loaders must give the same batches for the same random state (true of map-style and
-deterministic iterable datasets; not of ``persistent_workers=True`` loaders with random
-augmentations in the workers).
+Where the pieces live: the reproducible data streams in :mod:`mergemodules.streams`, batches and
+their concatenation in :mod:`mergemodules.batches`, the processes in
+:mod:`mergemodules.distributed`, the checkpoint in :mod:`mergemodules.tta_checkpoint`.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
-import random
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-try:
-    import numpy as np
-except ImportError:  # NumPy is optional; without it there is no NumPy generator to manage
-    np = None
-
-from .io import atomic_write
+from .batches import (Joined, call, concatenate, labelled, mixes_examples, outputs_match, split_output, to_device,
+                      unlabeled_inputs)
+from .distributed import World
 from .layers import _Merged, weight_cache
+from .streams import Stream, derived_seed, isolated_rng, seeded_rng_state
+from .tta_checkpoint import Checkpoint
 
 __all__ = ["Task", "adapt", "entropy", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "mergemodules.tta/1"
 BETAS = (0.9, 0.999)  # AdaMerging / AdaRank (appendix A)
+AUTOCAST = (torch.bfloat16, torch.float16)
 
 
 def entropy(logits: Tensor, dim: int = -1) -> Tensor:
@@ -76,59 +67,16 @@ class Task:
     head: Callable[[Any], Tensor]
 
 
-# ----------------------------------------------------------------------------------------- batches
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _call(model: Callable[..., Any], inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(inputs)
-
-
-def _unlabeled_inputs(batch: Any) -> Any:
-    """The model input of an unlabeled batch (see :class:`Task`)."""
-    if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k != "labels"}
-    if isinstance(batch, (list, tuple)):
-        if not batch:
-            raise ValueError("a batch is an empty tuple/list")
-        return batch[0]
-    return batch
-
-
-def _labelled(batch: Any, name: str) -> tuple[Any, Tensor]:
-    """(inputs, labels) of a labelled batch: a pair ``(x, y)`` or a mapping with ``"labels"``."""
-    if isinstance(batch, Mapping) and "labels" in batch:
-        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise ValueError(f"eval_data[{name!r}]: a labelled batch must be (inputs, labels) or a mapping with 'labels', "
-                     f"got {type(batch).__name__}")
-
-
 def _logits(
-    head: Callable[[Any], Tensor],
-    merged: nn.Module,
-    inputs: Any,
-    name: str,
+    name: str, head: Callable[[Any], Tensor], features: Callable[[], Any], inputs: Any,
     shapes: dict[str, tuple[int, int]] | None = None,
 ) -> Tensor:
-    """``head(merged(inputs))``, checked to be logits (batch, ..., classes) of the same rank and classes every call.
+    """``head(features())``, checked to be logits (batch, ..., classes) of the same rank and classes every call.
 
     A torch error in the model or head (an input of the wrong shape, say) becomes a ValueError naming the task.
     """
     try:
-        logits = head(_call(merged, inputs))
+        logits = head(features())
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as err:
@@ -146,119 +94,6 @@ def _logits(
             raise ValueError(f"tasks[{name!r}].head returned logits of shape {tuple(logits.shape)}, earlier "
                              f"{shape[0]}-D logits with {shape[1]} classes: one task must keep one logit shape")
     return logits
-
-
-# -------------------------------------------------------------------------------------- randomness
-
-
-def _derived_seed(*parts: object) -> int:
-    """A 63-bit seed that depends on every part (stable across processes, unlike ``hash``)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _seeded_state(seed: int) -> dict[str, Any]:
-    """Global-RNG states (torch CPU, ``random``, NumPy) as seeding each with ``seed`` would leave them."""
-    state = {"torch": torch.Generator().manual_seed(seed).get_state(), "random": random.Random(seed).getstate()}
-    if np is not None:
-        state["numpy"] = np.random.RandomState(seed % 2**32).get_state()
-    return state
-
-
-def _current_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "random": random.getstate()}
-    if np is not None:
-        state["numpy"] = np.random.get_state()
-    return state
-
-
-def _set_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["random"])
-    if np is not None:
-        np.random.set_state(state["numpy"])
-
-
-@contextlib.contextmanager
-def _global_rng(state: dict[str, Any]) -> Iterator[None]:
-    """Run the block with the global generators in ``state``; afterwards ``state`` holds where they got."""
-    saved = _current_state()
-    _set_state(state)
-    try:
-        yield
-    finally:
-        state.update(_current_state())
-        _set_state(saved)
-
-
-def _loader_generators(data: object) -> list[torch.Generator]:
-    """``torch.Generator``s a ``DataLoader`` shuffles or seeds its workers with."""
-    found: list[torch.Generator] = []
-    batch_sampler = getattr(data, "batch_sampler", None)
-    for owner in (data, getattr(data, "sampler", None), getattr(batch_sampler, "sampler", None)):
-        gen = getattr(owner, "generator", None)
-        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
-            found.append(gen)
-    return found
-
-
-class _Stream:
-    """Endless, reproducible batches of one task: pass ``epoch`` is read under RNG seeded from (seed, name, epoch)."""
-
-    def __init__(self, name: str, data: Iterable[Any], seed: int) -> None:
-        self.name, self.data, self.seed = name, data, seed
-        self.epoch, self.position = 0, 0  # the current pass and the batches used from it
-        self._iterator: Iterator[Any] | None = None
-        self._rng: dict[str, Any] = {}
-
-    def state(self) -> dict[str, int]:
-        """Where the stream is: enough to re-create it exactly."""
-        return {"epoch": self.epoch, "position": self.position}
-
-    def restore(self, state: Mapping[str, int]) -> None:
-        """Continue at a saved position (the pass is re-created lazily and the used batches skipped)."""
-        self.epoch, self.position, self._iterator = int(state["epoch"]), int(state["position"]), None
-
-    def _start_pass(self, epoch: int) -> None:
-        seed = _derived_seed(self.seed, self.name, epoch)
-        self._rng = _seeded_state(seed)
-        with _global_rng(self._rng):
-            for i, gen in enumerate(_loader_generators(self.data)):
-                gen.manual_seed(_derived_seed(seed, i))
-            self._iterator = iter(self.data)
-        self.epoch = epoch
-
-    def _fetch(self) -> Any:
-        with _global_rng(self._rng):
-            return next(self._iterator)
-
-    def next(self) -> Any:
-        """The next batch; a new pass starts when the loader is exhausted."""
-        if self._iterator is None:
-            self._start_pass(self.epoch)
-            for skipped in range(self.position):
-                try:
-                    self._fetch()
-                except StopIteration:
-                    raise ValueError(
-                        f"tasks[{self.name!r}]: cannot resume, its data gave {skipped} batches in pass {self.epoch} "
-                        f"but the checkpoint had used {self.position}"
-                    ) from None
-        try:
-            batch = self._fetch()
-        except StopIteration:
-            if self.position == 0:
-                raise ValueError(f"tasks[{self.name!r}]: the data loader yielded no batch") from None
-            self._start_pass(self.epoch + 1)
-            self.position = 0
-            try:
-                batch = self._fetch()
-            except StopIteration:
-                raise ValueError(
-                    f"tasks[{self.name!r}]: the data loader yielded no batch in pass {self.epoch}"
-                ) from None
-        self.position += 1
-        return batch
 
 
 # ---------------------------------------------------------------------------------------- checking
@@ -279,7 +114,7 @@ def _check_tasks(tasks: Mapping[str, Task]) -> None:
                             f"got {type(task.data).__name__}")
 
 
-def _check_numbers(steps: int, lr: float, eval_every: int | None, checkpoint_every: int | None) -> None:
+def _check_numbers(steps: int, lr: float, eval_every: int | None, checkpoint_every: int | None, pad_id: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
@@ -287,6 +122,24 @@ def _check_numbers(steps: int, lr: float, eval_every: int | None, checkpoint_eve
     for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise ValueError(f"pad_id must be an integer token id, got {pad_id!r}")
+
+
+def _check_options(
+    tasks: Mapping[str, Task], eval_data: Mapping[str, Any] | None, eval_every: int | None,
+    checkpoint: object, checkpoint_every: int | None, resume: bool, autocast: torch.dtype | None,
+) -> None:
+    if eval_every is not None and eval_data is None:
+        raise ValueError("eval_every: give eval_data to evaluate on")
+    if (checkpoint_every is not None or resume) and checkpoint is None:
+        raise ValueError("checkpoint: give a file path to save to (or resume from)")
+    if eval_data is not None:
+        unknown = sorted(set(eval_data) - set(tasks))
+        if unknown:
+            raise KeyError(f"eval_data: no task called {unknown}; tasks: {sorted(tasks)}")
+    if autocast is not None and autocast not in AUTOCAST:
+        raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None, got {autocast!r}")
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -313,8 +166,8 @@ def _accuracy(
 ) -> float:
     correct = total = 0
     for batch in batches:
-        inputs, labels = _labelled(_to_device(batch, device), name)
-        logits = _logits(head, merged, inputs, name)
+        inputs, labels = labelled(to_device(batch, device), name)
+        logits = _logits(name, head, lambda: call(merged, inputs), inputs)
         correct += int((logits.argmax(-1) == labels).sum())
         total += labels.numel()
     if total == 0:
@@ -328,106 +181,16 @@ def _device(merged: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-# -------------------------------------------------------------------------------------- checkpoint
-
-
-def _digest(tensor: Tensor, samples: int = 16) -> str:
-    """A short hash of a tensor's shape, dtype and ``samples`` evenly spaced values (exact, device-independent)."""
-    flat = tensor.detach().reshape(-1)
-    index = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel())).round().long()
-    values = flat[index.to(flat.device)].double().cpu().tolist()
-    return hashlib.sha256(repr((tuple(tensor.shape), str(tensor.dtype), values)).encode()).hexdigest()[:16]
-
-
-def _fingerprint(merged: nn.Module) -> dict[str, Any]:
-    """What identifies a merge, cheaply: the method's settings, the number of tasks and a digest of every stored
-    tensor of the merged tensors (B, factors or Δ) from its shape, dtype and a few sampled values.
-    """
-    method = getattr(merged, "method", None)
-    fields = [] if method is None else [f.name for f in dataclasses.fields(method) if f.name != "transform"]
-    return {
-        "method": {name: json.dumps(getattr(method, name), default=repr) for name in fields},
-        "num_tasks": getattr(merged, "num_tasks", None),
-        "tensors": {
-            f"{name}.{key}": _digest(tensor)
-            for name, module in merged.named_modules() if isinstance(module, _Merged)
-            for key, tensor in module.named_buffers(recurse=False)
-        },
-    }
-
-
-def _fingerprint_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
-    """Which part of two merge fingerprints differs first, in words; None if they agree."""
-    for option in sorted(set(saved["method"]) | set(current["method"])):
-        old, new = saved["method"].get(option), current["method"].get(option)
-        if old != new:
-            return f"the method option {option!r} differs: checkpoint {old}, this merge {new}"
-    if saved["num_tasks"] != current["num_tasks"]:
-        return f"the number of tasks differs: checkpoint {saved['num_tasks']}, this merge {current['num_tasks']}"
-    names = sorted(set(saved["tensors"]) ^ set(current["tensors"]))
-    if names:
-        return f"the stored tensors differ: {names[:5]} are in only one of them"
-    changed = [name for name, digest in current["tensors"].items() if saved["tensors"][name] != digest]
-    if changed:
-        return f"the values of the stored tensors {changed[:5]} differ (B or factors: other checkpoints?)"
-    return None
-
-
-def _load_checkpoint(
-    path: Path, *, seed: int, lr: float, names: list[str], params: Mapping[str, Tensor], fingerprint: dict[str, Any]
-) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no file {str(path)!r} to resume from")
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with every module of ``model`` in eval mode (dropout off); the modes are restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"checkpoint: cannot read {str(path)!r}: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint: {str(path)!r} is not a mergemodules adaptation checkpoint")
-    for key, value in (("seed", seed), ("lr", lr), ("tasks", names)):
-        if state[key] != value:
-            raise ValueError(
-                f"checkpoint: {str(path)!r} was written with {key}={state[key]!r}, this call has {key}={value!r}"
-            )
-    if "fingerprint" not in state:
-        warnings.warn(f"checkpoint: {str(path)!r} predates merge fingerprints: cannot check that it belongs to "
-                      "this merge", stacklevel=3)
-    else:
-        difference = _fingerprint_difference(state["fingerprint"], fingerprint)
-        if difference is not None:
-            raise ValueError(f"checkpoint: {str(path)!r} was written for another merge: {difference}")
-    saved = {k: tuple(v.shape) for k, v in state["params"].items()}
-    if saved != {k: tuple(v.shape) for k, v in params.items()}:
-        raise ValueError(f"checkpoint: {str(path)!r} holds the learnables of another merged model")
-    return state
-
-
-def _resumable_state(
-    named: Mapping[str, Tensor], optimizer: torch.optim.Optimizer, streams: Mapping[str, _Stream], cuda: list[int]
-) -> dict[str, Any]:
-    """What an exact resume needs: λ and ℓ, the optimizer, the data positions and the random state."""
-    return {
-        "params": {k: v.detach().cpu().clone() for k, v in named.items()},
-        "optimizer": optimizer.state_dict(),
-        "streams": {name: s.state() for name, s in streams.items()},
-        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(cuda[0]) if cuda else None},
-    }
-
-
-def _restore(
-    state: Mapping[str, Any], named: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,
-    streams: Mapping[str, _Stream], cuda: list[int],
-) -> None:
-    """Put back what :func:`_resumable_state` saved."""
-    with torch.no_grad():
-        for key, value in state["params"].items():
-            named[key].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    for name, position in state["streams"].items():
-        streams[name].restore(position)
-    torch.set_rng_state(state["rng"]["torch"])
-    if cuda and state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device=cuda[0])
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 # ------------------------------------------------------------------------------------------ adapt
@@ -446,6 +209,11 @@ def adapt(
     checkpoint_every: int | None = None,
     resume: bool = False,
     progress: bool = False,
+    concat: bool = True,
+    pad_id: int = 0,
+    parallel: str | None = None,
+    per_task_backward: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> list[dict[str, Any]]:
     """Adapt λ and ℓ of ``merged`` by minimising the sum of the tasks' entropies (AdaMerging, AdaRank Eq. 6).
 
@@ -468,116 +236,57 @@ def adapt(
         checkpoint_every: save every N steps (default: only at the end).
         resume: continue from ``checkpoint``; the result is bit-identical to an uninterrupted run. The
             checkpoint must belong to this merge (method options, tasks, stored tensors: a fingerprint
-            is checked) and this call (seed, lr); a mismatch is a ValueError saying which part differs.
+            is checked), this call (seed, lr) and this world (processes, ``parallel``); a mismatch is a
+            ValueError saying which part differs.
         progress: show a tqdm bar with the current loss.
+        concat: run one forward over all tasks' batches joined (split again for the heads) where that
+            gives each task's own forward: checked once per run (and once more for padded inputs) on a
+            step's batches, else one forward per task.
+        pad_id: the ``input_ids`` value that pads token inputs of different lengths to a common one
+            for ``concat`` (with ``attention_mask`` 0): your tokenizer's ``pad_token_id``.
+        parallel: with ``torch.distributed`` initialised and several processes, ``"data"`` (default:
+            each process takes a slice of every task's batch) or ``"tasks"`` (each a subset of tasks).
+        per_task_backward: one task's activations alive at a time: backward after each task's forward,
+            the merged weights still evaluated once per step (their gradients gathered, then passed to
+            λ and ℓ once).
+        autocast: ``torch.bfloat16`` or ``torch.float16`` to run the adaptation forward under
+            ``torch.autocast`` (the merged weights and the entropy stay in float32).
 
     Raises:
         FloatingPointError: the loss or a gradient is NaN/Inf; the model keeps the last good λ and ℓ.
     """
     _check_tasks(tasks)
-    _check_numbers(steps, lr, eval_every, checkpoint_every)
-    if eval_every is not None and eval_data is None:
-        raise ValueError("eval_every: give eval_data to evaluate on")
-    if (checkpoint_every is not None or resume) and checkpoint is None:
-        raise ValueError("checkpoint: give a file path to save to (or resume from)")
-    heads = {name: task.head for name, task in tasks.items()}
-    if eval_data is not None:
-        unknown = sorted(set(eval_data) - set(tasks))
-        if unknown:
-            raise KeyError(f"eval_data: no task called {unknown}; tasks: {sorted(tasks)}")
-    named = dict(merged.named_parameters())
-    trainable = [p for p in named.values() if p.requires_grad]
-    if not trainable:
-        raise ValueError("merged has no trainable parameters: merge with an adaptive method "
-                         "(adamerging_taskwise, adamerging_layerwise, cart_pp, adarank_ta, adarank_cart)")
-    path = None if checkpoint is None else Path(checkpoint)
-    if path is not None and not path.parent.is_dir():
-        raise FileNotFoundError(f"checkpoint: folder {str(path.parent)!r} does not exist")
-    device = _device(merged)
-    names = list(tasks)
-    streams = {name: _Stream(name, task.data, seed) for name, task in tasks.items()}
-    shapes: dict[str, tuple[int, int]] = {}
-    optimizer = torch.optim.Adam(trainable, lr=lr, betas=BETAS)
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    fingerprint = _fingerprint(merged) if path is not None else None
-
-    with torch.random.fork_rng(devices=cuda):
+    _check_numbers(steps, lr, eval_every, checkpoint_every, pad_id)
+    _check_options(tasks, eval_data, eval_every, checkpoint, checkpoint_every, resume, autocast)
+    world = World.current(parallel)
+    run = _Adaptation(merged, tasks, lr=lr, seed=seed, world=world, concat=concat, pad_id=pad_id,
+                      per_task_backward=per_task_backward, autocast=autocast)
+    saver = None if checkpoint is None else Checkpoint(checkpoint, merged, seed=seed, lr=lr, names=run.names,
+                                                       world=world)
+    with torch.random.fork_rng(devices=run.cuda):
         history: list[dict[str, Any]] = []
         start = 0
         if resume:
-            state = _load_checkpoint(path, seed=seed, lr=lr, names=names, params=named, fingerprint=fingerprint)
-            if state["step"] > steps:
-                raise ValueError(f"steps={steps} but the checkpoint {str(path)!r} is already at step {state['step']}")
-            _restore(state, named, optimizer, streams, cuda)
-            history, start = state["history"], state["step"]
-            logger.info("resumed adaptation from %s at step %d", path, start)
+            history, start = saver.resume(run.params, run.optimizer, run.streams, run.cuda, steps)
         else:
-            torch.set_rng_state(torch.Generator().manual_seed(seed).get_state())
-            if cuda:
-                torch.cuda.manual_seed(seed)
+            run.seed_rng()
             if eval_data is not None:
-                history.append({"step": 0, "accuracy": _evaluate_isolated(merged, heads, eval_data, seed, 0)})
-
-        def save(step: int) -> None:
-            state = {"format": CHECKPOINT_FORMAT, "step": step, "seed": seed, "lr": lr, "tasks": names}
-            state["fingerprint"] = fingerprint
-            state["history"] = history
-            state.update(_resumable_state(named, optimizer, streams, cuda))
-            atomic_write(path, lambda tmp: torch.save(state, tmp))
-            logger.debug("saved adaptation checkpoint %s at step %d", path, step)
-
-        logger.info("adapting %d learnables on %d tasks, steps %d to %d",
-                    sum(p.numel() for p in trainable), len(tasks), start + 1, steps)
-        bar = tqdm(total=steps, initial=start, desc="adapt", unit="step", disable=not progress)
+                history.append({"step": 0, "accuracy": run.evaluate(eval_data, 0)})
+        run.log("adapting %d learnables on %d tasks, steps %d to %d (%s)", sum(p.numel() for p in run.trainable),
+                len(tasks), start + 1, steps, run.describe())
+        bar = tqdm(total=steps, initial=start, desc="adapt", unit="step", disable=not progress or world.rank != 0)
         with bar:
             for step in range(start + 1, steps + 1):
-                record = _step(merged, tasks, streams, shapes, trainable, optimizer, device, step)
+                record = run.step(step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if eval_data is not None and _due(step, steps, eval_every):
-                    record["accuracy"] = _evaluate_isolated(merged, heads, eval_data, seed, step)
-                    logger.info("step %d: loss %.4f, accuracy %s", step, record["loss"], record["accuracy"])
+                    record["accuracy"] = run.evaluate(eval_data, step)
+                    run.log("step %d: loss %.4f, accuracy %s", step, record["loss"], record["accuracy"])
                 history.append(record)
-                if path is not None and _due(step, steps, checkpoint_every):
-                    save(step)
+                if saver is not None and _due(step, steps, checkpoint_every):
+                    saver.save(step, history, run.params, run.optimizer, run.streams, run.cuda)
     return history
-
-
-def _step(
-    merged: nn.Module,
-    tasks: Mapping[str, Task],
-    streams: Mapping[str, _Stream],
-    shapes: dict[str, tuple[int, int]],
-    params: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    step: int,
-) -> dict[str, Any]:
-    """One Adam step on Σ_tasks entropy; nothing is written to the model if anything is not finite."""
-    batches = {name: _to_device(stream.next(), device) for name, stream in streams.items()}
-    entropies: dict[str, Tensor] = {}
-    with weight_cache():  # every merged weight is evaluated once for all tasks of the step
-        for name, task in tasks.items():
-            entropies[name] = entropy(_logits(task.head, merged, _unlabeled_inputs(batches[name]), name, shapes))
-        loss = torch.stack(list(entropies.values())).sum()
-        values = {name: float(h.detach()) for name, h in entropies.items()}
-        if not math.isfinite(float(loss.detach())):
-            bad = sorted(name for name, v in values.items() if not math.isfinite(v))
-            raise FloatingPointError(f"adapt: the loss is not finite at step {step} (tasks {bad}); "
-                                     f"the model keeps λ and ℓ of step {step - 1}")
-        if not loss.requires_grad:
-            raise ValueError("adapt: the loss does not depend on merged.parameters() (does a head detach its input?)")
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-    finite = [torch.isfinite(g).all() for g in grads if g is not None]
-    if finite and not bool(torch.stack(finite).all()):
-        raise FloatingPointError(
-            f"adapt: a gradient is not finite at step {step}; the model keeps λ and ℓ of step {step - 1}"
-        )
-    for p, g in zip(params, grads):
-        p.grad = g
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"step": step, "loss": float(loss.detach()), "entropy": values}
 
 
 def _due(step: int, last: int, every: int | None) -> bool:
@@ -585,9 +294,199 @@ def _due(step: int, last: int, every: int | None) -> bool:
     return step == last or (every is not None and step % every == 0)
 
 
-def _evaluate_isolated(
-    merged: nn.Module, heads: Mapping[str, Any], data: Mapping[str, Iterable[Any]], seed: int, step: int
-) -> dict[str, float]:
-    """:func:`evaluate` under its own random state, so evaluating never changes the adaptation."""
-    with _global_rng(_seeded_state(_derived_seed(seed, "eval", step))):
-        return evaluate(merged, heads, data)
+class _Adaptation:
+    """One adaptation run on this process: its tasks' streams, the optimiser, and :meth:`step`."""
+
+    def __init__(
+        self, merged: nn.Module, tasks: Mapping[str, Task], *, lr: float, seed: int, world: World, concat: bool,
+        pad_id: int, per_task_backward: bool, autocast: torch.dtype | None,
+    ) -> None:
+        self.merged, self.seed, self.world = merged, seed, world
+        self.names = list(tasks)
+        self.heads = {name: task.head for name, task in tasks.items()}
+        self.streams = {name: Stream(name, tasks[name].data, seed) for name in world.tasks(self.names)}
+        self.params = dict(merged.named_parameters())
+        self.trainable = [p for p in self.params.values() if p.requires_grad]
+        if not self.trainable:
+            raise ValueError("merged has no trainable parameters: merge with an adaptive method "
+                             "(adamerging_taskwise, adamerging_layerwise, cart_pp, adarank_ta, adarank_cart)")
+        self.optimizer = torch.optim.Adam(self.trainable, lr=lr, betas=BETAS)
+        self.device = _device(merged)
+        self.cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        self.pad_id, self.per_task_backward, self.autocast = pad_id, per_task_backward, autocast
+        self.tensors = [m for m in merged.modules() if isinstance(m, _Merged)]
+        self.shapes: dict[str, tuple[int, int]] = {}
+        mixing = mixes_examples(merged)
+        self.concat = concat and not per_task_backward and mixing is None
+        self.checked: dict[bool, bool] = {}  # padded? → whether one joined forward gives the tasks' own
+        if mixing is not None and concat:
+            self.log("one forward per task: module %r mixes the examples of a batch (batch statistics)", mixing)
+        if mixing is not None and world.parallel == "data" and world.rank == 0:
+            warnings.warn(f"parallel='data': module {mixing!r} uses batch statistics, so each process normalises "
+                          "its own slice (as DistributedDataParallel without SyncBatchNorm)", stacklevel=3)
+        world.broadcast(self.trainable)  # every process starts from rank 0's λ and ℓ
+
+    def log(self, message: str, *args: Any) -> None:
+        """Log on rank 0 only."""
+        if self.world.rank == 0:
+            logger.info(message, *args)
+
+    def describe(self) -> str:
+        """How a step runs, in words (for the log)."""
+        how = "per-task backward" if self.per_task_backward else "joined forward" if self.concat else "per-task forward"
+        if self.world.size > 1:
+            how += f", {self.world.size} processes, parallel={self.world.parallel!r}"
+        return how + (f", autocast {self.autocast}" if self.autocast else "")
+
+    def seed_rng(self) -> None:
+        """Seed the forward pass's randomness for a new run (each process its own)."""
+        seed = self.world.seed(self.seed)
+        torch.set_rng_state(torch.Generator().manual_seed(seed).get_state())
+        if self.cuda:
+            with torch.cuda.device(self.cuda[0]):
+                torch.cuda.manual_seed(seed)
+
+    def evaluate(self, eval_data: Mapping[str, Iterable[Any]], step: int) -> dict[str, float]:
+        """:func:`evaluate` under its own random state (it never changes the adaptation), tasks split by process."""
+        mine = {name: eval_data[name] for name in self.world.round_robin(list(eval_data))}
+        with torch.random.fork_rng(devices=self.cuda), \
+                isolated_rng(seeded_rng_state(derived_seed(self.seed, "eval", step))):
+            accuracy = evaluate(self.merged, self.heads, mine)
+        for part in self.world.gather(accuracy):
+            accuracy.update(part)
+        return {name: accuracy[name] for name in eval_data}
+
+    # ----------------------------------------------------------------------------------------- step
+
+    def step(self, step: int) -> dict[str, Any]:
+        """One Adam step on Σ_tasks entropy; nothing is written to the model if anything is not finite."""
+        inputs = self._inputs()
+        with torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext():
+            if self.per_task_backward:
+                grads, entropies = self._per_task_backward(inputs)
+            else:
+                grads, entropies = self._joint_backward(inputs, self._joined(inputs))
+        grads, values = self._reduce(grads, entropies)
+        bad = [name for name, value in values.items() if not math.isfinite(value)]
+        if bad:
+            raise FloatingPointError(f"adapt: the loss is not finite at step {step} (tasks {sorted(bad)}); "
+                                     f"the model keeps λ and ℓ of step {step - 1}")
+        finite = [torch.isfinite(g).all() for g in grads if g is not None]
+        if finite and not bool(torch.stack(finite).all()):
+            raise FloatingPointError(
+                f"adapt: a gradient is not finite at step {step}; the model keeps λ and ℓ of step {step - 1}"
+            )
+        for p, g in zip(self.trainable, grads):
+            p.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"step": step, "loss": sum(values.values()), "entropy": values}
+
+    def _inputs(self) -> dict[str, tuple[Any, float]]:
+        """This process's share of the next batch of each of its tasks: name → (inputs, weight in the loss)."""
+        shares = {}
+        for name, stream in self.streams.items():
+            share = self.world.share(unlabeled_inputs(stream.next()), name)
+            if share is not None:
+                shares[name] = (to_device(share[0], self.device), share[1])
+        return shares
+
+    def _joined(self, inputs: Mapping[str, tuple[Any, float]]) -> Joined | None:
+        """The tasks' inputs as one batch, where one forward over it was found to give each task's own forward."""
+        if not self.concat or len(inputs) < 2:
+            return None
+        parts = [x for x, _ in inputs.values()]
+        joined = concatenate(parts, self.pad_id)
+        if joined is None:
+            return None
+        padded = joined.lengths is not None
+        if padded not in self.checked:
+            self.checked[padded] = self._reproduces(parts, joined)
+            joined_batches = "the padded, joined batches" if padded else "the joined batches"
+            self.log("one forward over %s of all tasks" if self.checked[padded] else
+                     "one forward per task: a forward over %s does not give the tasks' own", joined_batches)
+        return joined if self.checked[padded] else None
+
+    def _reproduces(self, parts: list[Any], joined: Joined) -> bool:
+        """Whether one forward over ``joined`` gives every part's own forward (no gradient, dropout off, RNG kept)."""
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=self.cuda), _eval_mode(self.merged), weight_cache():
+                together = split_output(call(self.merged, joined.inputs), joined)
+                return together is not None and all(outputs_match(t, call(self.merged, x))
+                                                    for t, x in zip(together, parts))
+        except (RuntimeError, ValueError, TypeError):  # a model that cannot take the joined batch: one forward per task
+            return False
+
+    def _forward(self, inputs: Mapping[str, tuple[Any, float]], joined: Joined | None) -> dict[str, Tensor]:
+        """Every task's logits: from one forward over ``joined`` if given, else one forward per task."""
+        parts = None if joined is None else split_output(call(self.merged, joined.inputs), joined)
+        if parts is None:
+            return {name: _logits(name, self.heads[name], lambda x=x: call(self.merged, x), x, self.shapes)
+                    for name, (x, _) in inputs.items()}
+        return {name: _logits(name, self.heads[name], lambda p=p: p, x, self.shapes)
+                for (name, (x, _)), p in zip(inputs.items(), parts)}
+
+    def _joint_backward(
+        self, inputs: Mapping[str, tuple[Any, float]], joined: Joined | None
+    ) -> tuple[list[Tensor | None], dict[str, Tensor]]:
+        """The gradient of Σ weight·entropy over every task's forward, all alive at once (one weight_cache block)."""
+        with weight_cache():  # every merged weight is evaluated once for all tasks of the step
+            logits = self._forward(inputs, joined)
+            entropies = {name: weight * entropy(logits[name]) for name, (_, weight) in inputs.items()}
+            if not entropies:
+                return [None] * len(self.trainable), {}
+            loss = torch.stack(list(entropies.values())).sum()
+            _check_depends(loss)
+            grads = torch.autograd.grad(loss, self.trainable, allow_unused=True)
+        return list(grads), {name: h.detach() for name, h in entropies.items()}
+
+    def _per_task_backward(
+        self, inputs: Mapping[str, tuple[Any, float]]
+    ) -> tuple[list[Tensor | None], dict[str, Tensor]]:
+        """The same gradient with one task's activations alive at a time.
+
+        Every merged tensor is evaluated once; the forwards read a detached leaf of it that gathers its
+        gradient over the tasks' backward passes, and one final backward takes those gradients to λ and ℓ.
+        """
+        values = {m: m() for m in self.tensors}
+        leaves = {m: v.detach().requires_grad_() if v.requires_grad else v for m, v in values.items()}
+        learning = [leaf for m, leaf in leaves.items() if values[m].requires_grad]
+        entropies = {}
+        with weight_cache(leaves):
+            for name, (x, weight) in inputs.items():
+                h = weight * entropy(_logits(name, self.heads[name], lambda: call(self.merged, x), x, self.shapes))
+                _check_depends(h)
+                if learning:
+                    torch.autograd.backward(h, inputs=learning)
+                entropies[name] = h.detach()
+        used = [(values[m], leaves[m].grad) for m in values if values[m].requires_grad and leaves[m].grad is not None]
+        if not used:
+            return [None] * len(self.trainable), entropies
+        grads = torch.autograd.grad([v for v, _ in used], self.trainable, [g for _, g in used], allow_unused=True)
+        return list(grads), entropies
+
+    def _reduce(
+        self, grads: list[Tensor | None], entropies: Mapping[str, Tensor]
+    ) -> tuple[list[Tensor | None], dict[str, float]]:
+        """The gradients and the tasks' entropies summed over the processes: as one process would find them."""
+        if self.world.size == 1:
+            return grads, {name: float(h) for name, h in entropies.items()}
+        dtype, device = self.trainable[0].dtype, self.trainable[0].device
+        pieces = [torch.zeros(p.numel(), dtype=dtype, device=device) if g is None else g.reshape(-1).to(dtype)
+                  for p, g in zip(self.trainable, grads)]
+        counts = [float(g is not None) for g in grads]  # a gradient no process has stays None (Adam skips it)
+        found = [entropies[name].reshape(1).to(dtype) if name in entropies else torch.zeros(1, dtype=dtype,
+                 device=device) for name in self.names]
+        flat = torch.cat(pieces + found + [torch.tensor(counts, dtype=dtype, device=device)])
+        self.world.all_reduce(flat)
+        sizes = [p.numel() for p in self.trainable]
+        summed = flat[: sum(sizes)].split(sizes)
+        values = flat[sum(sizes): sum(sizes) + len(self.names)].tolist()
+        present = flat[sum(sizes) + len(self.names):].tolist()
+        grads = [g.view_as(p).to(p.dtype) if n > 0 else None for g, p, n in zip(summed, self.trainable, present)]
+        return grads, dict(zip(self.names, values))
+
+
+def _check_depends(loss: Tensor) -> None:
+    if not loss.requires_grad:
+        raise ValueError("adapt: the loss does not depend on merged.parameters() (does a head detach its input?)")

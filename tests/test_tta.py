@@ -13,9 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import mergemodules as mm
-from mergemodules.tta import _Stream
+from mergemodules.streams import Stream
 from tta_setup import one_thread  # noqa: F401  (autouse fixture)
-from tta_setup import D_IN, NoisyInputs, heads, inputs, learnables, models, tasks
+from tta_setup import (D_IN, Interrupt, InterruptingHead, NoisyInputs, eval_data, heads, inputs, learnables, models,
+                       tasks)
 
 # ------------------------------------------------------------------------------------------ entropy
 
@@ -74,12 +75,12 @@ def test_data_stream_resumed_anywhere_gives_the_same_batches(n, batch, cut, seed
     generator = torch.Generator().manual_seed(99) if own_generator else None
     loader = DataLoader(NoisyInputs(torch.arange(n, dtype=torch.float32)[:, None]), batch_size=batch,
                         shuffle=True, generator=generator)
-    reference = _Stream("t", loader, seed)
+    reference = Stream("t", loader, seed)
     expected = [reference.next() for _ in range(10)]
-    interrupted = _Stream("t", loader, seed)
+    interrupted = Stream("t", loader, seed)
     for _ in range(cut):
         interrupted.next()
-    resumed = _Stream("t", loader, seed)
+    resumed = Stream("t", loader, seed)
     resumed.restore(interrupted.state())
     assert all(torch.equal(a, b) for a, b in zip(expected[cut:], (resumed.next() for _ in range(10 - cut))))
     # a pass covers the data once
@@ -94,21 +95,9 @@ def _merged(method: str = "adarank_ta", dropout: float = 0.0) -> mm.MergedModel:
     return mm.merge(*models(dropout), method)
 
 
-def _eval_data() -> dict[str, list]:
-    """Labelled batches: the head's own argmax on the pretrained encoder as labels."""
-    pretrained, _ = models()
-    out = {}
-    for t, (name, head) in enumerate(heads().items()):
-        x = inputs(t)
-        with torch.no_grad():
-            y = head(pretrained(x)).argmax(-1)
-        out[name] = [(x[:12], y[:12]), (x[12:], y[12:])]
-    return out
-
-
 def test_history_holds_loss_entropies_and_accuracies():
     merged, task_set = _merged(), tasks()
-    history = mm.adapt(merged, task_set, steps=4, lr=0.01, eval_data=_eval_data(), eval_every=2)
+    history = mm.adapt(merged, task_set, steps=4, lr=0.01, eval_data=eval_data(), eval_every=2)
     assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
     assert [("accuracy" in h) for h in history] == [True, False, True, False, True]
     assert set(history[0]) == {"step", "accuracy"}
@@ -120,7 +109,7 @@ def test_history_holds_loss_entropies_and_accuracies():
 
 def test_evaluate_counts_correct_predictions():
     merged = _merged("task_arithmetic")
-    data = _eval_data()
+    data = eval_data()
     head = heads()["task0"]
     x, _ = data["task0"][0]
     with torch.no_grad():
@@ -198,28 +187,10 @@ def test_same_seed_same_result_and_caller_rng_untouched():
 
 def test_evaluation_does_not_change_the_adaptation():
     a, b = _merged(), _merged()
-    mm.adapt(a, tasks(noisy=True), steps=4, lr=0.01, eval_data=_eval_data(), eval_every=1)
+    mm.adapt(a, tasks(noisy=True), steps=4, lr=0.01, eval_data=eval_data(), eval_every=1)
     mm.adapt(b, tasks(noisy=True), steps=4, lr=0.01)
     la, lb = learnables(a), learnables(b)
     assert all(torch.equal(la[k], lb[k]) for k in la)
-
-
-class _Interrupt(Exception):
-    pass
-
-
-class _InterruptingHead(nn.Module):
-    """Wraps a head and raises after ``calls`` calls (a run killed mid-way)."""
-
-    def __init__(self, head: nn.Module, calls: int) -> None:
-        super().__init__()
-        self.head, self.calls = head, calls
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        self.calls -= 1
-        if self.calls < 0:
-            raise _Interrupt()
-        return self.head(features)
 
 
 @pytest.mark.parametrize("method, every", [("adarank_cart", 4), ("adamerging_taskwise", 3)])
@@ -233,8 +204,8 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, method, every):
     ckpt = tmp_path / "adapt.pt"
     interrupted = _merged(method, dropout=0.2).train()
     task_set = tasks(noisy=True)
-    task_set["task1"].head = _InterruptingHead(task_set["task1"].head, calls=9)
-    with pytest.raises(_Interrupt):
+    task_set["task1"].head = InterruptingHead(task_set["task1"].head, calls=9)
+    with pytest.raises(Interrupt):
         mm.adapt(interrupted, task_set, steps=steps, lr=0.02, seed=5, checkpoint=ckpt, checkpoint_every=every)
     saved = torch.load(ckpt, weights_only=True)
     assert saved["step"] == 9 // every * every  # steps 1-9 ran, step 10 was interrupted

@@ -89,6 +89,36 @@ def tasks(batch_size: int = 8, noisy: bool = False) -> dict[str, mm.Task]:
     return out
 
 
+def eval_data() -> dict[str, list]:
+    """Labelled batches: the head's own argmax on the pretrained encoder as labels."""
+    pretrained, _ = models()
+    out = {}
+    for t, (name, head) in enumerate(heads().items()):
+        x = inputs(t)
+        with torch.no_grad():
+            y = head(pretrained(x)).argmax(-1)
+        out[name] = [(x[:12], y[:12]), (x[12:], y[12:])]
+    return out
+
+
+class Interrupt(Exception):
+    """Raised by :class:`InterruptingHead` (a run killed mid-way)."""
+
+
+class InterruptingHead(nn.Module):
+    """Wraps a head and raises :class:`Interrupt` after ``calls`` calls."""
+
+    def __init__(self, head: nn.Module, calls: int) -> None:
+        super().__init__()
+        self.head, self.calls = head, calls
+
+    def forward(self, features: Tensor) -> Tensor:
+        self.calls -= 1
+        if self.calls < 0:
+            raise Interrupt()
+        return self.head(features)
+
+
 def learnables(merged: nn.Module) -> dict[str, Tensor]:
     """A copy of every learnable (λ and ℓ) by name."""
     return {k: v.detach().clone() for k, v in merged.named_parameters()}
@@ -98,3 +128,56 @@ def total_entropy(merged: nn.Module, task_set: dict[str, mm.Task]) -> float:
     """Σ_tasks entropy over each task's whole data (no adaptation)."""
     with torch.no_grad():
         return sum(float(mm.entropy(t.head(merged(torch.cat(list(t.data)))))) for t in task_set.values())
+
+
+# ------------------------------------------------------------------------------------ token inputs
+
+VOCAB = 20
+LENGTHS = (5, 7, 6)  # each task's sequence length: joining them needs padding
+
+
+class TokenEncoder(nn.Module):
+    """Token embeddings → a transformer layer that masks padding; returns ``{"last_hidden_state": (B, L, D)}``.
+
+    ``pools=True``: mean over every position, padding included, so its output depends on the padding.
+    """
+
+    def __init__(self, pools: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.layer = nn.TransformerEncoderLayer(D, 2, 32, dropout=0.0, batch_first=True)
+        self.pools = pools
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor] | Tensor:
+        h = self.layer(self.embed(input_ids), src_key_padding_mask=attention_mask == 0)
+        return h.mean(1) if self.pools else {"last_hidden_state": h}
+
+
+def token_models(pools: bool = False) -> tuple[TokenEncoder, list[TokenEncoder]]:
+    """A pretrained token encoder and NUM_TASKS fine-tuned copies."""
+    torch.manual_seed(0)
+    pretrained = TokenEncoder(pools)
+    return pretrained, [perturbed(pretrained, seed=t + 1, scale=0.3, rank=3) for t in range(NUM_TASKS)]
+
+
+def token_tasks(pools: bool = False) -> dict[str, mm.Task]:
+    """Keyword batches {input_ids, attention_mask} of a different length per task (each padded to its own length)."""
+    out = {}
+    for t, (name, head) in enumerate(heads().items()):
+        gen = torch.Generator().manual_seed(200 + t)
+        batches = []
+        for _ in range(2):
+            ids = torch.randint(1, VOCAB, (6, LENGTHS[t]), generator=gen)
+            mask = torch.ones_like(ids)
+            mask[: 3, LENGTHS[t] - 2:] = 0  # some examples end early: the task's own padding
+            batches.append({"input_ids": ids * mask, "attention_mask": mask})
+        read = head if pools else (lambda out, h=head: h(out["last_hidden_state"].mean(1)))  # mean over its L
+        out[name] = mm.Task(batches, read)
+    return out
+
+
+def grad_forwards(model: nn.Module) -> list[int]:
+    """A list that grows by one at every forward of ``model`` that records a graph (not the no-grad checks)."""
+    calls: list[int] = []
+    model.register_forward_hook(lambda *_: calls.append(1) if torch.is_grad_enabled() else None)
+    return calls
