@@ -21,17 +21,24 @@ SCENARIOS = {
     "cart+adarank, tasks": ("adarank_cart", {"parallel": "tasks"}),
     "cart+adarank, data, per-task backward": ("adarank_cart", {"parallel": "data", "per_task_backward": True}),
 }
+if torch.cuda.is_available():  # gloo all-reduces CUDA tensors too (NCCL needs one GPU per process)
+    SCENARIOS["cart+adarank, data, cuda"] = ("adarank_cart", {"parallel": "data", "device": "cuda"})
 BATCH = 7  # 7 examples per task and step: rank 0 takes 3, rank 1 takes 4
 STEPS = 5
 
 
 def run(method: str, options: dict) -> tuple[dict[str, torch.Tensor], list]:
-    """Adapt a fresh merge; return its learnables and history."""
-    merged = mm.merge(*models(), method)
+    """Adapt a fresh merge (on ``options["device"]``, default the CPU); return its learnables (CPU) and history."""
+    options = dict(options)
+    device = options.pop("device", "cpu")
+    merged = mm.merge(*models(), method).to(device)
     if "eval_every" in options:
-        options = dict(options, eval_data=eval_data())
-    history = mm.adapt(merged, tasks(batch_size=BATCH), steps=STEPS, lr=0.02, **options)
-    return learnables(merged), history
+        options["eval_data"] = eval_data()
+    task_set = tasks(batch_size=BATCH)
+    for task in task_set.values():
+        task.head.to(device)
+    history = mm.adapt(merged, task_set, steps=STEPS, lr=0.02, **options)
+    return {k: v.cpu() for k, v in learnables(merged).items()}, history
 
 
 def interrupted_and_resumed(checkpoint: Path) -> tuple[dict[str, torch.Tensor], list]:
