@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .decompose import compute_dtype, resolve_rank
 from .layers import MergedTensor, MergedWeight, _Merged, check_finite
 from .methods import Method, Transform
-from .targets import Entry
+from .targets import Entry, method_layout
 
 __all__ = [
     "build_merged_tensors", "fit_transform", "iter_merged_tensors", "check_sources", "as_source",
@@ -187,7 +187,7 @@ def _mask_logits(method: Method, S: Tensor, shape: tuple[int, int], name: str) -
     if not method.masks:
         return None
     k = S.shape[1]
-    on = k if method.mask_rank is None else resolve_rank(method.mask_rank, shape, name="mask_rank")
+    on = k if method.mask_rank is None else resolve_rank(method.mask_rank, shape, name="mask_rank", minimum=0)
     if on > k:
         raise ValueError(f"mask_rank keeps {on} components of {name!r} but only rank={k} are stored")
     logits = torch.full(S.shape, -method.mask_init, dtype=torch.float32, device=S.device)
@@ -199,29 +199,30 @@ def _build_one(
     entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, transform: Transform, coefficients: _Coefficients
 ) -> _Merged:
     dtype = pretrained.dtype
-    with_term = entry.merged and (method.matrices != "none" if entry.is_matrix else method.dense)
+    layout = method_layout(entry, method.matrix_set)
+    with_term = entry.merged and (method.matrices != "none" if layout is not None else method.dense)
     if not entry.merged:
         base, task_vectors = check_finite(pretrained.detach(), f"pretrained[{entry.name!r}]"), None
     else:
         base, task_vectors = _base_and_task_vectors(entry, pretrained.detach(), sources, method)
-    if not entry.is_matrix:
+    if layout is None:
         if not with_term:
             return MergedTensor(base.to(dtype))
         deltas = transform.vectors(entry.name, task_vectors, False)
         return MergedTensor(base.to(dtype), deltas, coefficients(deltas.shape[0], base))
     if not with_term:
-        return MergedWeight(base.to(dtype), layout=entry.layout)
+        return MergedWeight(base.to(dtype), layout=layout)
     terms = transform.vectors(entry.name, task_vectors, True)
-    if entry.layout == "in_out":
+    if layout == "in_out":
         terms = terms.transpose(1, 2)
     coef = coefficients(terms.shape[0], base)
     if method.matrices == "dense":
-        return MergedWeight(base.to(dtype), deltas=terms, coef=coef, layout=entry.layout)
+        return MergedWeight(base.to(dtype), deltas=terms, coef=coef, layout=layout)
     shape = tuple(terms.shape[1:])
-    U, S, V = transform.factorize(terms, resolve_rank(method.rank, shape))
+    U, S, V = transform.factorize(terms, resolve_rank(method.rank, shape), method.svd, method.svd_options)
     return MergedWeight(
         base.to(dtype), U=U, S=S, V=V, coef=coef, mask_logits=_mask_logits(method, S, shape, entry.name),
-        temperature=method.temperature, layout=entry.layout,
+        temperature=method.temperature, layout=layout,
     )
 
 
@@ -249,7 +250,8 @@ def fit_transform(
         for entry in entries:
             if entry.merged:
                 values = pretrained[entry.name].detach()
-                yield entry.name, _base_and_task_vectors(entry, values, sources, method)[1], entry.is_matrix
+                is_matrix = method_layout(entry, method.matrix_set) is not None
+                yield entry.name, _base_and_task_vectors(entry, values, sources, method)[1], is_matrix
 
     with torch.no_grad():
         return method.transform.fit(task_vectors)

@@ -1,19 +1,36 @@
-"""Task vectors and batched truncated SVD of all tasks of one layer at once.
+"""Task vectors' truncated SVD, all tasks of one layer at once.
 
-Every decomposition runs in float32 (float64 for float64 inputs or when asked) whatever the
-checkpoint dtype — fp16/bf16 checkpoints are decomposed in float32 — wide
+Three solvers (the ``svd`` option of every SVD-based method):
+
+* ``"exact"`` (default): the exact top-k singular triplets, as ``torch.linalg.svd`` gives them, to
+  float64 accuracy whatever the checkpoint dtype. Computed through the eigendecomposition of the
+  smaller Gram matrix in float64 (``AᵀA = V·diag(σ²)·Vᵀ`` by LAPACK's divide-and-conquer ``eigh``,
+  then ``U = A·V·diag(σ)⁻¹``): its error for the kept subspace is ε₆₄·σ₁²/(σ_k² − σ_{k+1}²), far
+  below float32 rounding. Where the smallest kept singular value is under 1e-4·σ₁ the left vectors
+  A·v/σ would lose accuracy (≈ ε₆₄·(σ₁/σ_k)²), and that matrix goes to LAPACK's SVD in float64.
+* ``"randomized"``: Halko–Martinsson–Tropp range finder with subspace iterations (options
+  ``oversample``, ``power_iters``, ``seed``). Approximate: on the flat spectra of real task vectors
+  its top-k is a rotated subspace (see docs/methods.md); exact only for matrices of rank ≤ k.
+* ``"auto"``: ``"randomized"`` where k + oversample is at most a quarter of min(out, in), else
+  ``"exact"`` (the library's default before issue #11; approximate for the same reason).
+
+Factors come back in float32 (float64 for float64 inputs) whatever the checkpoint dtype; wide
 matrices are decomposed through their transpose, and singular vectors get deterministic signs
 (the largest-magnitude entry of each left singular vector is positive).
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Factors", "compute_dtype", "resolve_rank", "truncated_svd"]
+__all__ = ["Factors", "SVD_SOLVERS", "check_svd", "compute_dtype", "resolve_rank", "truncated_svd"]
+
+SVD_SOLVERS = ("exact", "randomized", "auto")
+_SOLVER_OPTIONS = {"exact": (), "randomized": ("oversample", "power_iters", "seed"), "auto": ("oversample", "power_iters", "seed")}
+_GRAM_MIN_RATIO = 1e-4  # σ_k/σ₁ below this: the eigenvalue route's left vectors A·v/σ lose accuracy
 
 
 class Factors(NamedTuple):
@@ -24,12 +41,13 @@ class Factors(NamedTuple):
     V: Tensor  # (T, in, k)
 
 
-def resolve_rank(rank: int | float | None, shape: tuple[int, int], name: str = "rank") -> int:
+def resolve_rank(rank: int | float | None, shape: tuple[int, int], name: str = "rank", minimum: int = 1) -> int:
     """Number of components kept for a matrix of ``shape``.
 
-    ``None`` keeps all of ``min(out, in)``; a float in (0, 1] is a fraction of it, rounded up
-    (CART's k = ⌈γ·min(out, in)⌉); an int is an absolute count. Anything else is an error,
-    never a silent clamp.
+    ``None`` keeps all of r = min(out, in); a float γ in (0, 1] keeps ``max(minimum, int(γ·r))``
+    components, rounded down as the CART and AdaRank code does (``int(rank_ratio * dim)``; CART keeps
+    at least one component, AdaRank's initial mask count may be 0: ``minimum=0``); an int is an
+    absolute count. Anything else is an error, never a silent clamp.
     """
     full = min(shape)
     if rank is None:
@@ -39,12 +57,29 @@ def resolve_rank(rank: int | float | None, shape: tuple[int, int], name: str = "
     if isinstance(rank, float):
         if not 0.0 < rank <= 1.0 or math.isnan(rank):
             raise ValueError(f"{name}={rank!r}: a fractional rank must lie in (0, 1]")
-        return max(1, math.ceil(rank * full - 1e-9))
+        return max(minimum, int(rank * full))
     if rank <= 0:
         raise ValueError(f"{name}={rank!r}: an integer rank must be positive")
     if rank > full:
         raise ValueError(f"{name}={rank!r} exceeds min(out, in)={full} of a {tuple(shape)} matrix")
     return rank
+
+
+def check_svd(svd: str, options: Mapping[str, Any] | None) -> None:
+    """Refuse an unknown solver or an option that the solver does not take, naming it."""
+    if svd not in SVD_SOLVERS:
+        raise ValueError(f"svd={svd!r}: expected one of {SVD_SOLVERS}")
+    if options is None:
+        return
+    if not isinstance(options, Mapping):
+        raise TypeError(f"svd_options must be a mapping of solver options, got {options!r}")
+    unknown = sorted(set(options) - set(_SOLVER_OPTIONS[svd]))
+    if unknown:
+        raise ValueError(f"svd_options {unknown} are not options of svd={svd!r}; it takes {list(_SOLVER_OPTIONS[svd])}")
+    for name in ("oversample", "power_iters", "seed"):
+        value = options.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"svd_options[{name!r}]={value!r} must be a non-negative integer")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,8 +96,16 @@ def _fix_signs(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _exact_svd(A: Tensor, k: int) -> Factors:
-    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
-    return Factors(U[..., :k], S[..., :k], Vh[..., :k, :].mT)
+    """Exact top-k of tall matrices (T, m, n), m ≥ n, in float64: eigh of AᵀA, LAPACK SVD where σ_k ≪ σ₁."""
+    A = A.to(torch.float64, memory_format=torch.contiguous_format)  # one copy, also of a transposed wide matrix
+    eigenvalues, eigenvectors = torch.linalg.eigh(A.mT @ A)  # ascending
+    S = eigenvalues.flip(-1)[..., :k].clamp(min=0).sqrt()
+    V = eigenvectors.flip(-1)[..., :k]
+    U = (A @ V) / S.unsqueeze(-2)
+    for t in (~(S[:, -1] >= _GRAM_MIN_RATIO * S[:, 0])).nonzero().flatten().tolist():  # also σ₁ = 0 and NaN
+        u, s, vh = torch.linalg.svd(A[t], full_matrices=False)
+        U[t], S[t], V[t] = u[:, :k], s[:k], vh[:k].mT
+    return Factors(U, S, V)
 
 
 def _randomized_svd(A: Tensor, k: int, oversample: int, power_iters: int, seed: int) -> Factors:
@@ -85,7 +128,7 @@ def truncated_svd(
     A: Tensor,
     k: int,
     *,
-    method: str = "auto",
+    method: str = "exact",
     dtype: torch.dtype | None = None,
     oversample: int = 10,
     power_iters: int = 3,
@@ -93,22 +136,19 @@ def truncated_svd(
 ) -> Factors:
     """Top-``k`` SVD of a batch of matrices ``A`` (T, out, in), all tasks in one call.
 
-    The decomposition runs in ``dtype`` (default: :func:`compute_dtype` of ``A``). ``method`` is
-    ``"exact"`` (LAPACK SVD), ``"randomized"`` (Halko et al. 2011, with ``power_iters`` subspace
-    iterations; exact to float precision on matrices of rank ≤ k) or ``"auto"`` (randomised when
-    k + oversample is at most a quarter of min(out, in)).
+    ``method`` is a solver of :data:`SVD_SOLVERS` (module docstring): ``"exact"`` (default),
+    ``"randomized"`` (``oversample``, ``power_iters`` and ``seed`` apply) or ``"auto"``. The factors
+    come back in ``dtype`` (default: :func:`compute_dtype` of ``A``).
     """
     if A.dim() != 3:
         raise ValueError(f"A must have shape (T, out, in), got {tuple(A.shape)}")
     T, m, n = A.shape
     if not 0 <= k <= min(m, n):
         raise ValueError(f"k={k} must lie in [0, min(out, in)={min(m, n)}]")
-    if method not in ("auto", "exact", "randomized"):
-        raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
+    check_svd(method, None)
     dtype = dtype or compute_dtype(A.dtype)
     if k == 0:
         return Factors(A.new_zeros(T, m, 0, dtype=dtype), A.new_zeros(T, 0, dtype=dtype), A.new_zeros(T, n, 0, dtype=dtype))
-    A = A.to(dtype)
     wide = m < n
     if wide:
         A = A.mT
@@ -117,8 +157,8 @@ def truncated_svd(
     if method == "exact":
         U, S, V = _exact_svd(A, k)
     else:
-        U, S, V = _randomized_svd(A, k, oversample, power_iters, seed)
+        U, S, V = _randomized_svd(A.to(dtype), k, oversample, power_iters, seed)
     if wide:
         U, V = V, U
     U, V = _fix_signs(U, V)
-    return Factors(U.contiguous(), S.contiguous(), V.contiguous())
+    return Factors(U.to(dtype).contiguous(), S.to(dtype).contiguous(), V.to(dtype).contiguous())

@@ -238,7 +238,8 @@ def load_merge_state(model: nn.Module, path: str | os.PathLike) -> MergedModel:
         entry.layout = getattr(module, "layout", None)
         merged[entry.name] = module
     try:
-        method = Method(**header["method"])
+        # states written before the svd and matrix_set options were built with these (issue #11)
+        method = Method(**{"svd": "auto", "matrix_set": "rule", **header["method"]})
     except (ValueError, TypeError) as err:
         raise _metadata_error(Path(path), "'method'", str(err)) from err
     params = {id(p): p for p in model.parameters()}

@@ -206,7 +206,9 @@ def merge(
             other: ``merged.load_state_dict`` or an in-place edit of the merged model overwrites
             ``pretrained``, and editing ``pretrained`` later changes the merged model.
         **options: method options, e.g. ``rank`` (fraction of min(out, in) or int), ``scaling`` (λ),
-            ``density`` (TIES), ``mask_rank``, ``temperature``.
+            ``density`` and ``scope`` (TIES), ``mask_rank``, ``temperature``, ``matrix_set``, and the SVD
+            solver ``svd`` (``"exact"``, the default; ``"randomized"`` or ``"auto"``) with ``svd_options``
+            (e.g. ``{"oversample": 20, "power_iters": 6}``); see docs/methods.md.
     """
     method = get_method(method, **options)
     if not isinstance(finetuned, Sequence) or isinstance(finetuned, (str, bytes)) or len(finetuned) == 0:

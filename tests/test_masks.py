@@ -1,8 +1,6 @@
 """Mask inspection: kept components per layer and task, and the Figure-5 style plot."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -34,7 +32,7 @@ def test_initial_masks_of_cart_adarank_keep_the_top_components(setting):
     masks = mm.hard_masks(merged)
     assert masks.keys() == merged.merged_weights().keys()
     for name, m in masks.items():
-        on = math.ceil(0.08 * m.shape[1])
+        on = int(0.08 * m.shape[1])  # AdaRank's code: int(r · initial_rank_ratio), 0 for r < 13
         assert m.dtype == torch.bool and m.shape == (3, merged.merged_weights()[name].rank)
         assert m[:, :on].all() and not m[:, on:].any()
 

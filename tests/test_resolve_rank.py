@@ -1,6 +1,4 @@
-"""resolve_rank: fractions, integers and errors (never a silent clamp)."""
-import math
-
+"""resolve_rank: fractions rounded down as the CART/AdaRank code does, integers, errors (never a silent clamp)."""
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,10 +9,16 @@ shapes = st.tuples(st.integers(1, 5000), st.integers(1, 5000))
 
 
 @given(shape=shapes, fraction=st.floats(min_value=1e-6, max_value=1.0))
-def test_fraction_is_rounded_up_and_within_range(shape, fraction):
-    k = resolve_rank(fraction, shape)
-    assert 1 <= k <= min(shape)
-    assert k >= fraction * min(shape) - 1e-6 and k - 1 < fraction * min(shape) + 1e-6
+def test_fraction_is_int_of_the_product_at_least_one(shape, fraction):
+    assert resolve_rank(fraction, shape) == max(1, int(fraction * min(shape)))
+    assert resolve_rank(fraction, shape, minimum=0) == int(fraction * min(shape))
+
+
+def test_floor_where_ceil_differs_on_a_6x4_matrix():
+    # r = 4: γ = 0.6 → int(2.4) = 2 (⌈2.4⌉ would keep 3); γ = 0.1 → int(0.4) = 0, CART keeps at least 1
+    assert resolve_rank(0.6, (6, 4)) == 2
+    assert resolve_rank(0.1, (6, 4)) == 1
+    assert resolve_rank(0.1, (6, 4), minimum=0) == 0  # AdaRank's initial mask count may be 0
 
 
 @given(shape=shapes, data=st.data())
@@ -29,7 +33,8 @@ def test_none_and_one_keep_everything(shape):
 
 
 def test_cart_default_on_vit_b32_shapes():
-    assert resolve_rank(0.08, (2304, 768)) == math.ceil(0.08 * 768) == 62
+    assert resolve_rank(0.08, (2304, 768)) == 61  # int(61.44), as CART's released code
+    assert resolve_rank(0.08, (768, 3072)) == 61
 
 
 @pytest.mark.parametrize("rank", [0, -1, 0.0, -0.5, 1.0001, float("nan"), 769])

@@ -11,7 +11,7 @@ from .tsv import TaskSingularVectors
 
 __all__ = ["Method", "Transform", "TaskVectorSource", "UnknownMethodError", "METHODS", "get_method", "register_method"]
 
-CART_RANK = 0.08  # CART's γ: keep ⌈0.08·min(out, in)⌉ components
+CART_RANK = 0.08  # CART's γ: keep max(1, int(0.08·min(out, in))) components (papers/000, §4.3)
 
 METHODS: dict[str, Method] = {}
 
@@ -23,25 +23,38 @@ def register_method(method: Method, *aliases: str) -> Method:
     return method
 
 
+# Defaults are the papers' values; every convention follows the authors' released code (docs/methods.md).
 register_method(Method("weight_averaging", base="average", matrices="none", dense=False), "average", "wa")
 register_method(Method("task_arithmetic", scaling=0.3), "ta")
 register_method(Method("ties", scaling=1.0, transform=Ties()), "ties_merging")
-register_method(Method("tsv", matrices="svd", scaling=1.0, transform=TaskSingularVectors()), "tsv_m")
-register_method(Method("task_vector_svd", matrices="svd", rank=CART_RANK, scaling=0.3))
-register_method(Method("cart", base="average", matrices="svd", dense=False, rank=CART_RANK, scaling=1.0))
+register_method(
+    Method("tsv", matrices="svd", matrix_set="all_2d", scaling=1.0, transform=TaskSingularVectors()), "tsv_m"
+)
+register_method(Method("task_vector_svd", matrices="svd", matrix_set="layers", rank=CART_RANK, scaling=0.3))
+register_method(
+    Method("cart", base="average", matrices="svd", matrix_set="layers", dense=False, rank=CART_RANK, scaling=1.0)
+)
 register_method(Method("adamerging_taskwise", coefficients="task", scaling=0.3))
 register_method(Method("adamerging_layerwise", coefficients="layer", scaling=0.3), "adamerging")
 register_method(
-    Method("cart_pp", base="average", matrices="svd", dense=False, rank=CART_RANK, scaling=1.0, coefficients="layer"),
+    Method(
+        "cart_pp", base="average", matrices="svd", matrix_set="layers", rank=CART_RANK, scaling=1.0,
+        coefficients="layer",
+    ),
     "cart++",
 )
-register_method(Method("adarank_ta", matrices="svd", coefficients="layer", scaling=0.3, masks=True))
+register_method(Method("adarank_ta", matrices="svd", matrix_set="layers", coefficients="layer", scaling=0.3, masks=True))
 register_method(
     Method(
-        "adarank_cart", base="average", matrices="svd", dense=False, coefficients="layer",
+        "adarank_cart", base="average", matrices="svd", matrix_set="layers", coefficients="layer",
         scaling=1.0, masks=True, mask_rank=CART_RANK,
     )
 )
+# The authors' released configurations for ViT-B/32 and 8 tasks, one name away from the papers' defaults:
+# JH-GEECS/CART configs/CART/ViT-b-32_8_CART.yaml (prior 2.0, initial_rank_ratio 0.12) and
+# david3684/AdaRank vision/configs/adarank_B_T8/adarank_CART.yaml (prior 2.3, initial_rank_ratio 0.16).
+register_method(dataclasses.replace(METHODS["cart"], name="cart_released", rank=0.12, scaling=2.0))
+register_method(dataclasses.replace(METHODS["adarank_cart"], name="adarank_cart_released", mask_rank=0.16, scaling=2.3))
 # AWD (papers/003): TA and layer-wise AdaMerging on τ_i − δ; λ = 0.3 (first of the paper's grid, and its
 # AdaMerging init). Other methods compose: get_method("cart", transform=AWD()) or awd.with_awd("cart").
 register_method(Method("awd_ta", scaling=0.3, transform=AWD()), "awd_task_arithmetic")
@@ -60,7 +73,8 @@ def get_method(method: str | Method, **options: Any) -> Method:
         method = METHODS[method]
     elif not isinstance(method, Method):
         raise TypeError(f"method must be a name or a Method, got {type(method).__name__}")
-    transform_fields = set(getattr(method.transform, "__dataclass_fields__", {})) - {"thresholds"}
+    fields = getattr(method.transform, "__dataclass_fields__", {})
+    transform_fields = {name for name, f in fields.items() if not f.metadata.get("fitted")}
     transform_options = {k: options.pop(k) for k in list(options) if k in transform_fields}
     if transform_options:
         options["transform"] = dataclasses.replace(method.transform, **transform_options)

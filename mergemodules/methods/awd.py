@@ -26,7 +26,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -331,9 +331,9 @@ class FittedAWD(Transform):
         """``inner``'s terms of τ_i − δ (τ_i where the tensor is outside the scope)."""
         return self.inner.vectors(name, _subtract(self.deltas, name, task_vectors), is_matrix)
 
-    def factorize(self, terms: Tensor, k: int) -> Factors:
+    def factorize(self, terms: Tensor, k: int, svd: str = "exact", svd_options: Mapping[str, Any] | None = None) -> Factors:
         """``inner``'s factorisation."""
-        return self.inner.factorize(terms, k)
+        return self.inner.factorize(terms, k, svd, svd_options)
 
     def plot_cosine(self, path: str | os.PathLike, task_names: Sequence[str] | None = None) -> Path:
         """Write a PNG with the cosine heatmaps before and after AWD (as the paper's Fig. 4); returns the path."""

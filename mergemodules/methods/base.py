@@ -4,11 +4,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from torch import Tensor
 
-from ..decompose import Factors, truncated_svd
+from ..decompose import Factors, check_svd, truncated_svd
+from ..targets import MATRIX_SETS
 
 __all__ = ["Method", "Transform", "TaskVectorSource", "UnknownMethodError"]
 
@@ -44,9 +45,9 @@ class Transform:
         """The stored terms of one tensor."""
         return task_vectors
 
-    def factorize(self, terms: Tensor, k: int) -> Factors:
-        """Top-k SVD of every term of one matrix, all terms in one batched call."""
-        return truncated_svd(terms, k)
+    def factorize(self, terms: Tensor, k: int, svd: str = "exact", svd_options: Mapping[str, Any] | None = None) -> Factors:
+        """Top-k SVD of every term of one matrix, all terms in one batched call (solver ``svd``)."""
+        return truncated_svd(terms, k, method=svd, **(svd_options or {}))
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ class Method:
         matrices: the task term of matrices — ``"none"``, ``"dense"`` (Σ λ_t τ_t) or ``"svd"``
             (stacked truncated SVD factors, ``rank`` components per task).
         dense: whether non-matrix tensors get the dense task term (else they stay at B).
+        matrix_set: which tensors get the matrix term (``targets.MATRIX_SETS``): ``"rule"`` (the
+            matrix rule of targets.py), ``"layers"`` (the rule without open_clip's free ``proj`` /
+            ``text_projection``: the attention and MLP weights CART's and AdaRank's code decompose)
+            or ``"all_2d"`` (every 2-D tensor but ``text_projection``, as TSV-M's code).
         rank: stored rank of ``"svd"`` matrices: None (full), a fraction in (0, 1] or an int.
         scaling: initial λ.
         coefficients: ``"global"`` (one λ), ``"task"`` (one per task, shared by all layers) or
@@ -67,6 +72,10 @@ class Method:
         mask_rank: components initially switched on per task (None: all).
         mask_init: |ℓ| at initialisation (ℓ = +mask_init on, −mask_init off; AdaRank's code uses 0.1).
         temperature: the straight-through temperature.
+        svd: the truncated-SVD solver (``decompose.SVD_SOLVERS``): ``"exact"`` (default),
+            ``"randomized"`` or ``"auto"``.
+        svd_options: the solver's options, e.g. ``{"oversample": 20, "power_iters": 6}`` for
+            ``"randomized"``.
         transform: task-vector transform (TIES, TSV-M, AWD); the identity by default.
     """
 
@@ -74,6 +83,7 @@ class Method:
     base: str = "pretrained"
     matrices: str = "dense"
     dense: bool = True
+    matrix_set: str = "rule"
     rank: int | float | None = None
     scaling: float = 1.0
     coefficients: str = "global"
@@ -81,12 +91,17 @@ class Method:
     mask_rank: int | float | None = None
     mask_init: float = 0.1
     temperature: float = 10.0
+    svd: str = "exact"
+    svd_options: dict[str, Any] | None = None
     transform: Transform = field(default_factory=Transform)
 
     def __post_init__(self) -> None:
-        for attr, allowed in (("base", BASES), ("matrices", MATRIX_TERMS), ("coefficients", COEFFICIENT_SCOPES)):
+        for attr, allowed in (
+            ("base", BASES), ("matrices", MATRIX_TERMS), ("coefficients", COEFFICIENT_SCOPES), ("matrix_set", MATRIX_SETS)
+        ):
             if getattr(self, attr) not in allowed:
                 raise ValueError(f"{attr}={getattr(self, attr)!r}: expected one of {allowed}")
+        check_svd(self.svd, self.svd_options)
         if self.masks and self.matrices != "svd":
             raise ValueError("masks: AdaRank masks need matrices='svd'")
         for attr in ("scaling", "temperature", "mask_init", "rank", "mask_rank"):

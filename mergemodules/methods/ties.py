@@ -1,7 +1,9 @@
-"""TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint mean."""
+"""TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint mean (docs/methods.md)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -13,6 +15,7 @@ __all__ = ["Ties"]
 _BUCKET_BITS = 16
 _NUM_BUCKETS = 2**_BUCKET_BITS
 _CHUNK = 2**18  # entries merged at a time by Ties.vectors
+SCOPES = ("model", "tensor")
 
 
 def _magnitudes(task_vectors: Tensor) -> Tensor:
@@ -29,26 +32,46 @@ def _buckets(magnitudes: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Ties(Transform):
-    """Keep each task's top-``density`` entries by magnitude (over all merged tensors of the model),
-    elect per entry the sign of the summed trimmed values, and average the entries that agree.
+    """Trim each task vector to its largest-magnitude entries, elect a sign per entry, average the agreeing.
 
-    The result is one merged task vector τ_m (one term), used as θ = θ₀ + λ·τ_m.
+    ``scope="model"`` (default, the authors' code prateeky2806/ties-merging and FusionBench): each task
+    keeps its ``int(density·N) + 1`` largest |τ| entries over all N merged entries of the model (their
+    ``kthvalue(N − int(density·N))`` threshold with ``>=``: every entry tied with the threshold is
+    kept; ``density=1`` keeps all); the elected sign is that of the summed trimmed values, and where
+    that sum is exactly 0 the global majority sign, sign(Σ over all entries of the elected signs).
+
+    ``scope="tensor"`` (mergekit's ``ties``): each task keeps exactly ``int(density·n)`` entries of
+    each tensor of n entries (at a tie with the threshold, the first in row-major order), and the
+    elected sign is + where the summed trimmed values are ≥ 0.
+
+    Either way the merged task vector τ_m is the mean of the trimmed entries whose sign is the
+    elected one (0 where none is), one term used as θ = θ₀ + λ·τ_m.
     """
 
     density: float = 0.2
-    thresholds: tuple[float, ...] = field(default=(), repr=False)
+    scope: str = "model"
+    thresholds: tuple[float, ...] = field(default=(), repr=False, metadata={"fitted": True})
+    majority: float = field(default=0.0, repr=False, metadata={"fitted": True})
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.density <= 1.0:
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0.0 < self.density <= 1.0:
             raise ValueError(f"density={self.density!r} must lie in (0, 1]")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r}: expected one of {SCOPES}")
+
+    def _kept(self, total: int) -> int:
+        """Entries kept per task over the model: the reference's int(density·N) + 1 (all at density 1)."""
+        return total if self.density == 1.0 else int(self.density * total) + 1
 
     def fit(self, source: TaskVectorSource) -> "Ties":
-        """Find each task's global magnitude threshold (its ⌈density·N⌉-th largest |τ| entry), exactly.
+        """``scope="model"``: each task's global magnitude threshold and the global majority sign, exactly.
 
-        Streams the task vectors twice instead of holding all |τ| (T model sizes): pass 1 counts the
-        magnitudes per bucket of their top bits (monotone in the value), pass 2 keeps only the bucket
-        that holds the threshold and selects it there.
+        Streams the task vectors three times instead of holding all |τ| (T model sizes): pass 1 counts
+        the magnitudes per bucket of their top bits (monotone in the value), pass 2 keeps only the
+        bucket that holds the threshold and selects it there, pass 3 sums the elected signs.
         """
+        if self.scope == "tensor":
+            return self
         counts: Tensor | None = None
         for _, task_vectors, _ in source():
             buckets = _buckets(_magnitudes(task_vectors))
@@ -58,7 +81,7 @@ class Ties(Transform):
                 counts[t] += torch.bincount(bucket.flatten(), minlength=_NUM_BUCKETS).cpu()
         if counts is None:
             raise ValueError("TIES needs at least one merged tensor")
-        keep = [max(1, int(round(self.density * int(c.sum())))) for c in counts]
+        keep = [self._kept(int(c.sum())) for c in counts]
         from_top = counts.flip(1).cumsum(1)  # entries at or above each bucket, highest bucket first
         target = [_NUM_BUCKETS - 1 - int(torch.searchsorted(from_top[t], keep[t])) for t in range(len(keep))]
         above = [int(from_top[t, _NUM_BUCKETS - 2 - b]) if b < _NUM_BUCKETS - 1 else 0 for t, b in enumerate(target)]
@@ -71,7 +94,25 @@ class Ties(Transform):
         for t, values in enumerate(candidates):
             inside = torch.cat(values)
             thresholds.append(float(torch.topk(inside, keep[t] - above[t], sorted=False).values.min()))
-        return Ties(density=self.density, thresholds=tuple(thresholds))
+        fitted = dataclasses.replace(self, thresholds=tuple(thresholds))
+        signs = 0
+        for _, task_vectors, _ in source():
+            for chunk, kept in fitted._chunks(task_vectors):
+                signs += int(torch.sign(torch.where(kept, chunk, 0).sum(dim=0)).sum())
+        return dataclasses.replace(fitted, majority=float((signs > 0) - (signs < 0)))
+
+    def _chunks(self, task_vectors: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """(values, kept) over chunks of ``_CHUNK`` entries of the flattened (T, n) task vectors."""
+        flat = task_vectors.reshape(task_vectors.shape[0], -1)
+        if self.scope == "tensor":
+            kept = _top_entries(flat, int(self.density * flat.shape[1]))
+            yield from zip(flat.split(_CHUNK, dim=1), kept.split(_CHUNK, dim=1))
+            return
+        if len(self.thresholds) != flat.shape[0]:
+            raise RuntimeError("Ties.vectors needs the thresholds computed by Ties.fit")
+        thresholds = torch.tensor(self.thresholds, dtype=flat.dtype, device=flat.device)[:, None]
+        for chunk in flat.split(_CHUNK, dim=1):
+            yield chunk, chunk.abs() >= thresholds
 
     def vectors(self, name: str, task_vectors: Tensor, is_matrix: bool) -> Tensor:
         """The disjoint mean of the trimmed, sign-elected task vectors, shape (1, *shape).
@@ -79,19 +120,35 @@ class Ties(Transform):
         Every entry is merged independently, so the work runs over chunks of ``_CHUNK`` entries:
         the temporaries are T chunks, not T copies of the tensor.
         """
-        if len(self.thresholds) != task_vectors.shape[0]:
-            raise RuntimeError("Ties.vectors needs the thresholds computed by Ties.fit")
-        thresholds = torch.tensor(self.thresholds, dtype=task_vectors.dtype, device=task_vectors.device)[:, None]
-        flat = task_vectors.reshape(task_vectors.shape[0], -1)
-        merged = torch.cat([_disjoint_mean(chunk, thresholds) for chunk in flat.split(_CHUNK, dim=1)], dim=0)
-        return merged.view(1, *task_vectors.shape[1:])
+        zero_sign = self.majority if self.scope == "model" else 1.0
+        merged = [_disjoint_mean(chunk, kept, zero_sign) for chunk, kept in self._chunks(task_vectors)]
+        return torch.cat(merged, dim=0).view(1, *task_vectors.shape[1:])
 
 
-def _disjoint_mean(task_vectors: Tensor, thresholds: Tensor) -> Tensor:
-    """TIES on (T, n) entries: trim below each task's threshold, elect the sign of the sum, average the agreeing."""
-    trimmed = torch.where(task_vectors.abs() >= thresholds, task_vectors, torch.zeros_like(task_vectors))
+def _top_entries(flat: Tensor, k: int) -> Tensor:
+    """Per row of (T, n), exactly its ``k`` largest |·| entries; at a tie with the k-th, the first in order."""
+    T, n = flat.shape
+    if k >= n:
+        return torch.ones_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(flat, dtype=torch.bool)
+    magnitudes = _magnitudes(flat)
+    threshold = magnitudes.kthvalue(n - k + 1, dim=1, keepdim=True).values  # the k-th largest
+    kept = magnitudes > threshold
+    for t in range(T):
+        tied = (magnitudes[t] == threshold[t]).nonzero().flatten()
+        kept[t, tied[: k - int(kept[t].sum())]] = True
+    return kept
+
+
+def _disjoint_mean(task_vectors: Tensor, kept: Tensor, zero_sign: float) -> Tensor:
+    """TIES on (T, n) entries: keep the ``kept`` ones, elect the sign of their sum (``zero_sign`` where it
+    is 0), average those that have the elected sign. As the reference's ``where(sign > 0, τ > 0, τ < 0)``,
+    an elected sign of 0 (only when ``zero_sign`` is 0) selects the negative entries."""
+    trimmed = torch.where(kept, task_vectors, torch.zeros_like(task_vectors))
     elected = torch.sign(trimmed.sum(dim=0))
-    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    elected = torch.where(elected == 0, torch.full_like(elected, zero_sign), elected)
+    agree = torch.where(elected > 0, trimmed > 0, trimmed < 0)
     total = (trimmed * agree).sum(dim=0)
     count = agree.sum(dim=0).clamp(min=1)
     return total / count

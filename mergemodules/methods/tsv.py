@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -20,21 +21,25 @@ def orthogonalize(X: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class TaskSingularVectors(Transform):
-    """Each task keeps ⌊k/T⌋ singular components (the method's rank split evenly between tasks);
-    the concatenated left and right singular vectors of all tasks are orthogonalised jointly,
-    removing the interference between tasks' subspaces. Non-matrix tensors are averaged (τ_t/T),
-    so that θ = θ₀ + α·Σ_t(...) with α = λ = 1 is the TSV-M merge.
+    """TSV-M (docs/methods.md): each task keeps its top ``int(k·(1/T))`` singular components of the
+    ``k = min(out, in)`` (the method's rank split evenly between tasks, rounded down in floating point
+    as the authors' code: 0 where k < T, which leaves that matrix at θ₀); the concatenated left and right
+    singular vectors of all tasks are each replaced by their nearest orthonormal matrix (Procrustes),
+    removing the interference between tasks' subspaces. Non-matrix tensors are averaged (τ_t/T), so that
+    θ = θ₀ + α·Σ_t(...) with α = λ = 1 is the TSV-M merge.
     """
 
     def vectors(self, name: str, task_vectors: Tensor, is_matrix: bool) -> Tensor:
         """Matrices pass through to ``factorize``; other tensors become τ_t / T."""
         return task_vectors if is_matrix else task_vectors / task_vectors.shape[0]
 
-    def factorize(self, terms: Tensor, k: int) -> Factors:
-        """Per-task top-⌊k/T⌋ SVD, then orthogonalise the stacked U and V of all tasks."""
+    def factorize(self, terms: Tensor, k: int, svd: str = "exact", svd_options: Mapping[str, Any] | None = None) -> Factors:
+        """Per-task top-``int(k·(1/T))`` SVD, then orthogonalise the stacked U and V of all tasks."""
         T, out, inp = terms.shape
-        per_task = max(1, k // T)
-        U, S, V = truncated_svd(terms, per_task)
+        per_task = int(k * (1.0 / T))
+        U, S, V = truncated_svd(terms, per_task, method=svd, **(svd_options or {}))
+        if per_task == 0:
+            return Factors(U, S, V)
         U_perp = orthogonalize(U.transpose(0, 1).reshape(out, T * per_task))
         V_perp = orthogonalize(V.transpose(0, 1).reshape(inp, T * per_task))
         return Factors(

@@ -1,4 +1,4 @@
-"""TIES's streaming threshold search equals the all-in-memory top-k, exactly."""
+"""TIES's streaming fit equals the all-in-memory reference rule, exactly (thresholds and majority sign)."""
 from __future__ import annotations
 
 import torch
@@ -8,14 +8,17 @@ from hypothesis import strategies as st
 from mergemodules.methods.ties import Ties
 
 
-def reference_thresholds(tensors: list[torch.Tensor], density: float) -> tuple[float, ...]:
-    """Each task's ⌈density·N⌉-th largest |τ| over all tensors, from one concatenated copy (the obvious way)."""
-    out = []
-    for t in range(tensors[0].shape[0]):
-        flat = torch.cat([tv[t].abs().flatten().double() for tv in tensors])
-        keep = max(1, int(round(density * flat.numel())))
-        out.append(float(torch.topk(flat, keep).values.min()))
-    return tuple(out)
+def reference_fit(tensors: list[torch.Tensor], density: float) -> tuple[tuple[float, ...], float]:
+    """From one concatenated copy (the obvious way): each task's threshold, the int(density·N) + 1-th largest |τ|
+    (the kthvalue(N − int(density·N)) of the authors' code; all N at density 1), and the global majority sign."""
+    T = tensors[0].shape[0]
+    flat = torch.cat([tv.reshape(T, -1).double() for tv in tensors], dim=1)
+    N = flat.shape[1]
+    keep = N if density == 1.0 else int(density * N) + 1
+    thresholds = tuple(float(flat[t].abs().kthvalue(N - keep + 1).values) for t in range(T))
+    trimmed = torch.where(flat.abs() >= torch.tensor(thresholds, dtype=torch.float64)[:, None], flat, 0)
+    majority = float(torch.sign(torch.sign(trimmed.sum(0)).sum()))
+    return thresholds, majority
 
 
 @st.composite
@@ -35,12 +38,17 @@ def task_vector_sets(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(task_vector_sets(), st.sampled_from([1e-3, 0.1, 0.2, 0.5, 0.9, 1.0]))
-def test_streaming_thresholds_equal_the_global_top_k(tensors: list[torch.Tensor], density: float) -> None:
+def test_streaming_fit_equals_the_reference_rule(tensors: list[torch.Tensor], density: float) -> None:
     source = lambda: ((f"p{i}", tv, tv.dim() == 3) for i, tv in enumerate(tensors))  # noqa: E731
-    assert Ties(density=density).fit(source).thresholds == reference_thresholds(tensors, density)
+    fitted = Ties(density=density).fit(source)
+    # the half-precision inputs are decomposed in float32 by the builder; here they are compared as given
+    thresholds, majority = reference_fit([tv.float() if tv.dtype in (torch.float16, torch.bfloat16) else tv
+                                          for tv in tensors], density)
+    assert fitted.thresholds == thresholds
+    assert fitted.majority == majority
 
 
-def test_fit_reads_the_task_vectors_twice_and_keeps_none() -> None:
+def test_fit_reads_the_task_vectors_three_times_and_keeps_none() -> None:
     calls = []
 
     def source():
@@ -48,15 +56,27 @@ def test_fit_reads_the_task_vectors_twice_and_keeps_none() -> None:
         return iter([("w", torch.arange(12.0).reshape(2, 6) - 5, True)])
 
     fitted = Ties(density=0.5).fit(source)
-    assert len(calls) == 2
-    assert fitted.thresholds == (3.0, 4.0)  # |τ_0| = 5,4,3,2,1,0 → 3rd largest 3; |τ_1| = 1..6 → 4
+    assert len(calls) == 3
+    # keep int(0.5·6) + 1 = 4 per task: |τ_0| = 5,4,3,2,1,0 → 2; |τ_1| = 1..6 → 3
+    assert fitted.thresholds == (2.0, 3.0)
+    # trimmed: τ_0 = [-5,-4,-3,-2,0,0], τ_1 = [0,0,3,4,5,6]: sums -5,-4,0,2,5,6 → signs sum to +1
+    assert fitted.majority == 1.0
+
+
+def test_tensor_scope_needs_no_fit() -> None:
+    def source():
+        raise AssertionError("scope='tensor' reads nothing before the build")
+
+    ties = Ties(density=0.5, scope="tensor")
+    assert ties.fit(source) is ties
 
 
 def test_vectors_in_chunks_equal_the_whole_tensor_at_once(monkeypatch):
     from mergemodules.methods import ties
 
     task_vectors = torch.randn(3, 37, 11)
-    fitted = ties.Ties(density=0.3, thresholds=(0.2, 0.9, 1.4))
-    whole = fitted.vectors("w", task_vectors, True)
-    monkeypatch.setattr(ties, "_CHUNK", 50)
-    assert torch.equal(fitted.vectors("w", task_vectors, True), whole)
+    for fitted in (ties.Ties(density=0.3, thresholds=(0.2, 0.9, 1.4), majority=-1.0), ties.Ties(0.3, scope="tensor")):
+        whole = fitted.vectors("w", task_vectors, True)
+        monkeypatch.setattr(ties, "_CHUNK", 50)
+        assert torch.equal(fitted.vectors("w", task_vectors, True), whole)
+        monkeypatch.setattr(ties, "_CHUNK", 2**18)
