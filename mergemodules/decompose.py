@@ -1,12 +1,12 @@
-"""Task vectors' truncated SVD, all tasks of one layer at once.
+"""Task vectors' truncated SVD, all tasks of one layer in one call.
 
 Three solvers (the ``svd`` option of every SVD-based method):
 
 * ``"exact"`` (default): the exact top-k singular triplets, as ``torch.linalg.svd`` gives them, to
-  float64 accuracy whatever the checkpoint dtype. Computed through the eigendecomposition of the
-  smaller Gram matrix in float64 (``AᵀA = V·diag(σ²)·Vᵀ`` by LAPACK's divide-and-conquer ``eigh``,
-  then ``U = A·V·diag(σ)⁻¹``): its error for the kept subspace is ε₆₄·σ₁²/(σ_k² − σ_{k+1}²), far
-  below float32 rounding. Where the smallest kept singular value is under 1e-4·σ₁ the left vectors
+  float64 accuracy whatever the checkpoint dtype. Computed one task at a time through the
+  eigendecomposition of the smaller Gram matrix in float64 (``AᵀA = V·diag(σ²)·Vᵀ`` by LAPACK's
+  divide-and-conquer ``eigh``, then ``U = A·V·diag(σ)⁻¹``): its error for the kept subspace is
+  ε₆₄·σ₁²/(σ_k² − σ_{k+1}²), far below float32 rounding. Where the smallest kept singular value is under 1e-4·σ₁ the left vectors
   A·v/σ would lose accuracy (≈ ε₆₄·(σ₁/σ_k)²), and that matrix goes to LAPACK's SVD in float64.
 * ``"randomized"``: Halko–Martinsson–Tropp range finder with subspace iterations (options
   ``oversample``, ``power_iters``, ``seed``). Approximate: on the flat spectra of real task vectors
@@ -95,17 +95,16 @@ def _fix_signs(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
     return U * sign, V * sign
 
 
-def _exact_svd(A: Tensor, k: int) -> Factors:
-    """Exact top-k of tall matrices (T, m, n), m ≥ n, in float64: eigh of AᵀA, LAPACK SVD where σ_k ≪ σ₁."""
+def _exact_svd(A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact top-k of one tall matrix (m, n), m ≥ n, in float64: eigh of AᵀA, LAPACK's SVD where σ_k < 1e-4·σ₁."""
     A = A.to(torch.float64, memory_format=torch.contiguous_format)  # one copy, also of a transposed wide matrix
     eigenvalues, eigenvectors = torch.linalg.eigh(A.mT @ A)  # ascending
-    S = eigenvalues.flip(-1)[..., :k].clamp(min=0).sqrt()
-    V = eigenvectors.flip(-1)[..., :k]
-    U = (A @ V) / S.unsqueeze(-2)
-    for t in (~(S[:, -1] >= _GRAM_MIN_RATIO * S[:, 0])).nonzero().flatten().tolist():  # also σ₁ = 0 and NaN
-        u, s, vh = torch.linalg.svd(A[t], full_matrices=False)
-        U[t], S[t], V[t] = u[:, :k], s[:k], vh[:k].mT
-    return Factors(U, S, V)
+    S = eigenvalues.flip(-1)[:k].clamp(min=0).sqrt()
+    V = eigenvectors.flip(-1)[:, :k]
+    if S[-1] >= _GRAM_MIN_RATIO * S[0]:  # False for σ₁ = 0 and NaN too
+        return (A @ V) / S, S, V
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    return U[:, :k], S[:k], Vh[:k].mT
 
 
 def _randomized_svd(A: Tensor, k: int, oversample: int, power_iters: int, seed: int) -> Factors:
@@ -154,11 +153,15 @@ def truncated_svd(
         A = A.mT
     if method == "auto":
         method = "randomized" if 4 * (k + oversample) <= min(m, n) else "exact"
-    if method == "exact":
-        U, S, V = _exact_svd(A, k)
+    if method == "exact":  # one task at a time: the float64 temporaries are one matrix's
+        rows, cols = A.shape[1:]
+        U, S, V = (A.new_empty(T, rows, k, dtype=dtype), A.new_empty(T, k, dtype=dtype),
+                   A.new_empty(T, cols, k, dtype=dtype))
+        for t in range(T):
+            U[t], S[t], V[t] = _exact_svd(A[t], k)
     else:
         U, S, V = _randomized_svd(A.to(dtype), k, oversample, power_iters, seed)
     if wide:
         U, V = V, U
     U, V = _fix_signs(U, V)
-    return Factors(U.to(dtype).contiguous(), S.to(dtype).contiguous(), V.to(dtype).contiguous())
+    return Factors(U.contiguous(), S.contiguous(), V.contiguous())
