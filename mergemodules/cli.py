@@ -26,7 +26,8 @@ from .methods.ties import Ties
 from .methods.tsv import TaskSingularVectors
 from .recipe import DTYPES, Recipe, RecipeError, load_recipe
 from .sources import (
-    MODEL_KINDS, build_model, cast_tensors_, compute_dtype_of, load_callable, output_dtypes, shapes_of, write_hf_folder,
+    DEFAULT_MAX_SHARD_SIZE, MODEL_KINDS, build_model, cast_tensors_, compute_dtype_of, load_callable, output_dtypes,
+    parse_size, shapes_of, write_hf_folder,
 )
 from .streaming import save_fused_streaming
 from .surgery import merge
@@ -209,7 +210,9 @@ def _write_fused(
     cast_tensors_(model_fused, output_dtypes(stored, out_dtype))
     with _writing(out):
         if recipe is not None and recipe.is_hf:
-            write_hf_folder(out, recipe.folder / recipe.model.name, model_fused.save_pretrained, force)
+            shard_size = recipe.max_shard_size or DEFAULT_MAX_SHARD_SIZE
+            write_hf_folder(out, recipe.folder / recipe.model.name,
+                            lambda folder: model_fused.save_pretrained(folder, max_shard_size=shard_size), force)
         else:
             save_fused(model_fused, out)
     logger.info("wrote %s", out)
@@ -222,6 +225,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     """Static merge of a recipe, layer by layer from lazily read checkpoints, straight to a fused file."""
     recipe, model, entries = load_recipe(args.recipe, run_code=args.trust_code or not args.check)
     recipe = _with_dtypes(recipe, args)
+    shard_size = _shard_size(recipe, args.max_shard_size)
     if not _is_static(recipe.method):
         raise recipe.error(("method",), f"{recipe.method.name!r} learns its coefficients/masks by test-time "
                                         "adaptation: use 'mergemodules adapt' (or a static method)")
@@ -239,17 +243,31 @@ def cmd_merge(args: argparse.Namespace) -> None:
     base = recipe.base_checkpoint().open(device=recipe.device)  # stored dtypes: cast to recipe.dtype when merged
     tasks = [task.open(device=recipe.device) for task in recipe.tasks]
 
-    def write(path: Path) -> None:
+    def write(path: Path, max_shard_size: int | None = None) -> None:
         save_fused_streaming(path, model, tasks, recipe.method, weights=base, progress=_progress(),
-                             dtype=recipe.dtype, out_dtype=recipe.out_dtype, **recipe.merge_options())
+                             dtype=recipe.dtype, out_dtype=recipe.out_dtype, max_shard_size=max_shard_size,
+                             **recipe.merge_options())
 
     with _writing(out):
-        if recipe.is_hf:
-            write_hf_folder(out, recipe.folder / recipe.model.name,
-                            lambda folder: write(folder / "model.safetensors"), args.force)
+        if recipe.is_hf:  # model.safetensors, or shards and their index past shard_size bytes
+            write_hf_folder(out, recipe.folder / recipe.model.name, lambda folder: write(folder, shard_size),
+                            args.force)
         else:
             write(out)
     logger.info("wrote %s", out)
+
+
+def _shard_size(recipe: Recipe, given: str | None) -> int:
+    """Bytes per weight file of a Hugging Face folder output: ``--max-shard-size``, else the recipe's, else 5GB."""
+    if given is None:
+        return recipe.max_shard_size or DEFAULT_MAX_SHARD_SIZE
+    if not recipe.is_hf:
+        raise CommandError(f"--max-shard-size: applies to Hugging Face folder outputs ('model: {{hf: ...}}'); "
+                           f"{recipe.path} writes one .safetensors file")
+    try:
+        return parse_size(given)
+    except ValueError as err:
+        raise CommandError(f"--max-shard-size {err}") from None
 
 
 def _check_merge_output(recipe: Recipe, args: argparse.Namespace) -> Path:
@@ -510,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate the recipe and report the plan; merge nothing")
     p.add_argument("--trust-code", action="store_true", help=TRUST_HELP + " under --check")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--max-shard-size", metavar="SIZE",
+                   help="Hugging Face folder outputs: at most SIZE bytes of weights per file, e.g. 5GB, 500MB, 2GiB "
+                        "or a number of bytes; larger outputs are written as model-0000k-of-0000n.safetensors shards "
+                        "and model.safetensors.index.json (overrides the recipe's 'max_shard_size'; default 5GB)")
     _dtype_flags(p)
     p.set_defaults(func=cmd_merge)
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .build import check_sources
 from .decompose import resolve_rank
 from .methods import Method, get_method
-from .sources import MODEL_KINDS, build_model, open_checkpoint, shapes_of
+from .sources import MODEL_KINDS, build_model, open_checkpoint, parse_size, shapes_of
 from .streaming import check_weights
 from .targets import Entry, plan
 
@@ -35,7 +35,7 @@ DTYPES = {
     "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
 }
 KEYS = ("model", "base", "tasks", "method", "options", "targets", "exclude", "matrices", "dtype", "out_dtype",
-        "device", "output", "adapt")
+        "device", "output", "max_shard_size", "adapt")
 MODEL_KEYS = (*MODEL_KINDS, "kwargs", "submodule")
 CHECKPOINT_KEYS = ("path", "key")
 ADAPT_KEYS = ("data", "kwargs", "eval", "steps", "lr", "seed", "eval_every", "checkpoint", "checkpoint_every",
@@ -115,6 +115,7 @@ class Recipe:
     out_dtype: torch.dtype | None = None  # written dtype (None: the base checkpoint's, per tensor)
     device: str = "cpu"
     output: Path | None = None
+    max_shard_size: int | None = None  # bytes per weight file of a Hugging Face folder output (None: the default)
     adapt: AdaptSpec | None = None
     lines: dict[KeyPath, int] = field(default_factory=dict, repr=False)
 
@@ -334,6 +335,16 @@ class _Parser:
         for name, item in items:
             self.finite(item, key + (name,))
 
+    def shard_size(self, value: Any, model: ModelSpec) -> int:
+        """``max_shard_size`` in bytes; only Hugging Face folder outputs are sharded."""
+        if model.kind != "hf":
+            raise self.error(("max_shard_size",), "applies to Hugging Face folder outputs ('model: {hf: ...}'); "
+                                                  "this recipe writes one .safetensors file")
+        try:
+            return parse_size(value)
+        except ValueError as err:
+            raise self.error(("max_shard_size",), str(err)) from None
+
     def adapt(self, value: Any) -> AdaptSpec | None:
         if value is None:
             return None
@@ -385,6 +396,7 @@ class _Parser:
         if matrices is not None:
             self.typed(matrices, ("matrices",), dict, "a mapping {glob: 'out_in' | 'in_out'}")
         output = doc.get("output")
+        max_shard_size = None if doc.get("max_shard_size") is None else self.shard_size(doc["max_shard_size"], model)
         return Recipe(
             path=self.path, model=model, base=base,
             tasks=[self.checkpoint(t, ("tasks", i)) for i, t in enumerate(tasks)],
@@ -394,7 +406,7 @@ class _Parser:
             matrices=matrices, device=device,
             **{name: None if value is None else DTYPES[value] for name, value in dtypes.items()},
             output=None if output is None else self.path.parent / self.typed(output, ("output",), str, "a path"),
-            adapt=self.adapt(doc.get("adapt")), lines=self.lines,
+            max_shard_size=max_shard_size, adapt=self.adapt(doc.get("adapt")), lines=self.lines,
         )
 
 

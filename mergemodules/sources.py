@@ -7,6 +7,7 @@ PyTorch files (``torch.load(weights_only=True)``, memory-mapped) or Hugging Face
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -14,6 +15,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
 import struct
 import sys
@@ -31,6 +33,7 @@ __all__ = [
     "MODEL_KINDS", "build_model", "load_callable", "SafetensorsCheckpoint", "open_checkpoint",
     "shapes_of", "hf_weight_files", "write_safetensors", "write_hf_folder", "WEIGHT_SUFFIXES",
     "compute_dtype_of", "output_dtypes", "cast_tensors_", "check_floating_dtype", "declare_dtype",
+    "write_safetensors_shards", "plan_shards", "parse_size", "DEFAULT_MAX_SHARD_SIZE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -431,6 +434,92 @@ def check_floating_dtype(dtype: torch.dtype | None, name: str) -> None:
 
 # ------------------------------------------------------------------------------------------ writing
 
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # "5GB": mergekit's default and transformers 4's (transformers 5 uses 50GB)
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes of a size given as a positive int or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"``.
+
+    Units as transformers' ``max_shard_size``: KB, MB, GB, TB are powers of 1000; KiB … TiB powers of 1024.
+    """
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", value, re.IGNORECASE)
+        if match is None:
+            raise ValueError(f"{value!r}: expected a size such as '5GB', '500MB', '2GiB' or a number of bytes")
+        size = int(float(match[1]) * SIZE_UNITS[(match[2] or "B").upper()])
+    elif isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        raise ValueError(f"{value!r}: expected a size such as '5GB', '500MB', '2GiB' or a number of bytes")
+    if size <= 0:
+        raise ValueError(f"{value!r}: expected a positive size")
+    return size
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_shards(layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]], max_shard_size: int) -> list[list[str]]:
+    """The names of each shard, in ``layout``'s order: a new shard starts when the next tensor would take the
+    current one past ``max_shard_size`` bytes of tensor data (a larger tensor gets a shard of its own), as
+    transformers' ``save_pretrained`` splits a state dict."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (shape, dtype) in layout.items():
+        nbytes = _nbytes(shape, dtype)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+class _SafetensorsWriter:
+    """One safetensors file being written: its header (from the layout) first, then each tensor at its offset."""
+
+    def __init__(self, path: Path, file: Any, layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                 metadata: Mapping[str, str] | None) -> None:
+        self.path, self.file, self.layout = path, file, layout
+        header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self.offsets, position = {}, 0
+        for name, (shape, dtype) in layout.items():
+            size = _nbytes(shape, dtype)
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [position, position + size]}
+            self.offsets[name] = position
+            position += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self.start = 8 + len(encoded)
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        file.truncate(self.start + position)
+        self.written: set[str] = set()
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        """Write ``tensor`` at its place; it must be declared, new, and of its declared shape and dtype."""
+        if name not in self.layout:
+            raise KeyError(f"{str(self.path)!r}: tensor {name!r} is not in the declared layout")
+        if name in self.written:
+            raise KeyError(f"{str(self.path)!r}: tensor {name!r} written twice")
+        shape, dtype = self.layout[name]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"{str(self.path)!r}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                             f"declared {tuple(shape)} {dtype}")
+        self.file.seek(self.start + self.offsets[name])
+        self.file.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self.written.add(name)
+
+    def check_complete(self) -> None:
+        """Raise a KeyError naming the declared tensors that never came."""
+        missing = [name for name in self.layout if name not in self.written]
+        if missing:
+            raise KeyError(f"{str(self.path)!r}: {len(missing)} tensor(s) never written: {missing[:5]}")
+
 
 def write_safetensors(
     path: str | os.PathLike,
@@ -444,41 +533,63 @@ def write_safetensors(
     here at a time. Every name must arrive exactly once with its declared shape and dtype; the file
     is written atomically and left absent on any error.
     """
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offsets, position = {}, 0
-    for name, (shape, dtype) in layout.items():
-        size = (torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
-        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [position, position + size]}
-        offsets[name] = position
-        position += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    start = 8 + len(encoded)
-
     def write(tmp: str) -> None:
-        written: set[str] = set()
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(encoded)) + encoded)
-            f.truncate(start + position)
+            writer = _SafetensorsWriter(Path(path), f, layout, metadata)
             for name, tensor in tensors:
-                if name not in layout:
-                    raise KeyError(f"{str(path)!r}: tensor {name!r} is not in the declared layout")
-                if name in written:
-                    raise KeyError(f"{str(path)!r}: tensor {name!r} written twice")
-                shape, dtype = layout[name]
-                if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                    raise ValueError(
-                        f"{str(path)!r}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
-                        f"declared {tuple(shape)} {dtype}"
-                    )
-                f.seek(start + offsets[name])
-                f.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                written.add(name)
-        missing = [name for name in layout if name not in written]
-        if missing:
-            raise KeyError(f"{str(path)!r}: {len(missing)} tensor(s) never written: {missing[:5]}")
+                writer.write(name, tensor)
+            writer.check_complete()
 
     return atomic_write(path, write)
+
+
+def write_safetensors_shards(
+    folder: str | os.PathLike,
+    layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    tensors: Iterable[tuple[str, Tensor]],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    metadata: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """Write weights into ``folder`` as ``save_pretrained`` does; returns the files written.
+
+    ``model.safetensors`` when they fit in ``max_shard_size`` bytes (an int or ``"5GB"``), else
+    ``model-0000k-of-0000n.safetensors`` shards (:func:`plan_shards`) and ``model.safetensors.index.json``
+    (``metadata.total_size``, ``weight_map``). As :func:`write_safetensors`: tensor by tensor in any
+    order, every shard's header first. The files go straight into ``folder``, which must exist; on
+    an error they are removed. Build the folder with :func:`write_hf_folder` for an atomic output.
+    """
+    folder = Path(folder)
+    shards = plan_shards(layout, parse_size(max_shard_size))
+    if len(shards) == 1:
+        return [write_safetensors(folder / "model.safetensors", layout, tensors, metadata)]
+    files = [folder / f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    shard_of = {name: k for k, names in enumerate(shards) for name in names}
+    created: list[Path] = []  # removed on an error (files already there are never touched: "x" mode)
+    try:
+        with contextlib.ExitStack() as stack:
+            writers = []
+            for path, names in zip(files, shards):
+                file = stack.enter_context(open(path, "xb"))
+                created.append(path)
+                writers.append(_SafetensorsWriter(path, file, {name: layout[name] for name in names}, metadata))
+            for name, tensor in tensors:
+                if name not in shard_of:
+                    raise KeyError(f"{str(folder)!r}: tensor {name!r} is not in the declared layout")
+                writers[shard_of[name]].write(name, tensor)
+            for writer in writers:
+                writer.check_complete()
+        total = {"total_parameters": sum(math.prod(shape) for shape, _ in layout.values()),
+                 "total_size": sum(_nbytes(shape, dtype) for shape, dtype in layout.values())}
+        weight_map = {name: files[shard_of[name]].name for name in layout}
+        with open(folder / INDEX_NAME, "x", encoding="utf-8") as f:
+            created.append(folder / INDEX_NAME)
+            f.write(json.dumps({"metadata": total, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        raise
+    return created
 
 
 def write_hf_folder(out: Path, model_folder: Path, write: Callable[[Path], None], force: bool = False) -> Path:

@@ -26,7 +26,10 @@ from torch import Tensor, nn
 from .build import as_source, check_sources, iter_merged_tensors, merge_buffers
 from .layers import check_finite
 from .methods import Method, get_method
-from .sources import _Converted, check_floating_dtype, compute_dtype_of, output_dtypes, shapes_of, write_safetensors
+from .sources import (
+    _Converted, check_floating_dtype, compute_dtype_of, output_dtypes, parse_size, shapes_of, write_safetensors,
+    write_safetensors_shards,
+)
 from .targets import Entry, Patterns, is_selected, plan
 
 __all__ = ["fuse_streaming", "merge_to_state_dict", "save_fused_streaming", "check_weights"]
@@ -149,6 +152,7 @@ def save_fused_streaming(
     *,
     weights: Mapping[str, Tensor] | None = None,
     out_dtype: torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
     **kwargs: Any,
 ) -> Path:
     """Write the static merge to a safetensors file tensor by tensor, under the keys ``weights`` holds.
@@ -156,12 +160,20 @@ def save_fused_streaming(
     With ``weights`` a checkpoint of the pretrained model, the output has exactly its keys (tied
     tensors stored as it stores them), shapes and dtypes (floating ones: ``out_dtype`` when given);
     without, the model's state-dict keys. ``dtype``/``out_dtype``: see :func:`fuse_streaming`.
+    With ``max_shard_size`` (bytes or ``"5GB"``), ``path`` is an existing folder that receives
+    ``model.safetensors`` or its shards and index (:func:`~mergemodules.sources.write_safetensors_shards`).
     """
     weights = pretrained.state_dict() if weights is None else weights
     check_floating_dtype(out_dtype, "out_dtype")
+    shard_size = None if max_shard_size is None else parse_size(max_shard_size)
     stored = shapes_of(weights)
     out = output_dtypes(stored, out_dtype)
-    layout = {key: (tuple(t.shape), out[key]) for key, t in stored.items()}
+    order = {key: i for i, key in enumerate(pretrained.state_dict())}  # the model's order, as save_pretrained's
+    keys = sorted(stored, key=lambda key: order.get(key, len(order)))
+    layout = {key: (tuple(stored[key].shape), out[key]) for key in keys}
     tensors = fuse_streaming(pretrained, finetuned, method, weights=weights, out_dtype=out_dtype, **kwargs)
     items = ((name, tensor) for names, tensor in tensors for name in names if name in layout)
-    return write_safetensors(path, layout, items)
+    if shard_size is None:
+        return write_safetensors(path, layout, items)
+    write_safetensors_shards(path, layout, items, shard_size)
+    return Path(path)

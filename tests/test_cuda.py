@@ -73,3 +73,49 @@ def test_merge_adapt_fuse_export_on_cuda(family: str, tmp_path) -> None:
     reference = cpu.eval().fuse().state_dict()
     for key, value in state.items():
         torch.testing.assert_close(value, reference[key].contiguous(), rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_streaming_merge_with_device_cuda(method: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``device: cuda`` in a recipe: shards read on the CPU, every merged tensor built and evaluated on the GPU,
+    the fused tensor handed to the writer (which copies it back) from the GPU; the output equals the CPU merge."""
+    import mergemodules.sources
+    import mergemodules.streaming
+    from mergemodules.cli import main
+    from recipe_setup import write_recipe
+
+    model = hf_llama().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base", max_shard_size=20_000)
+    for i in range(2):
+        perturbed(model, seed=i + 1).save_pretrained(tmp_path / f"task{i}", max_shard_size=20_000)
+    merged_on, written_from = set(), set()
+    iterate, write = mergemodules.streaming.iter_merged_tensors, mergemodules.sources._SafetensorsWriter.write
+
+    def watched_iterate(*args, **kwargs):
+        for entry, module in iterate(*args, **kwargs):
+            merged_on.update(t.device.type for t in (*module.parameters(), *module.buffers()))
+            yield entry, module
+
+    def watched_write(self, name, tensor) -> None:
+        written_from.add(tensor.device.type)
+        write(self, name, tensor)
+
+    monkeypatch.setattr(mergemodules.streaming, "iter_merged_tensors", watched_iterate)
+    monkeypatch.setattr(mergemodules.sources._SafetensorsWriter, "write", watched_write)
+    outputs = {}
+    for device in ("cuda", "cpu"):
+        merged_on.clear()
+        written_from.clear()
+        recipe = write_recipe(tmp_path, {"model": {"hf": "base"}, "tasks": ["task0", "task1"], "method": method,
+                                         "dtype": "float32", "out_dtype": "bfloat16", "device": device,
+                                         "max_shard_size": "20KB"}, f"{device}.yaml")
+        assert main(["-q", "merge", str(recipe), "-o", str(tmp_path / device)]) == 0
+        assert merged_on == written_from == {device}
+        assert (tmp_path / device / "model.safetensors.index.json").is_file()
+        outputs[device] = {}
+        for shard in sorted((tmp_path / device).glob("model-*.safetensors")):
+            outputs[device].update(load_file(shard))
+    assert sorted(outputs["cuda"]) == sorted(outputs["cpu"])
+    for key, value in outputs["cpu"].items():  # float32 sums in another order: at most one bf16 step apart
+        assert outputs["cuda"][key].dtype == torch.bfloat16
+        torch.testing.assert_close(outputs["cuda"][key].float(), value.float(), rtol=2**-7, atol=1e-6, msg=key)
