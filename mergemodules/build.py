@@ -152,13 +152,20 @@ def _task_values(entry: Entry, sources: Sequence[Source], like: Tensor, dtype: t
 
 
 def _base_and_task_vectors(
-    entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method
-) -> tuple[Tensor, Tensor]:
-    """B and the task vectors θ_t − B of one tensor in float32 (float64 for float64 models), B in its parameter layout."""
+    entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, vectors: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """B and the task vectors θ_t − B of one tensor in float32 (float64 for float64 models), B in its parameter layout.
+
+    With ``vectors=False`` (a tensor without task term, e.g. under weight averaging) only B is computed.
+    """
     check_finite(pretrained, f"pretrained[{entry.name!r}]")
     dtype = compute_dtype(pretrained.dtype)
+    if not vectors and method.base == "pretrained":
+        return pretrained.to(dtype), None  # the fine-tuned values are not used: not read
     values = _task_values(entry, sources, pretrained, dtype)
     base = pretrained.to(dtype) if method.base == "pretrained" else values.mean(dim=0)
+    if not vectors:
+        return base, None
     return base, values.sub_(base)  # in place: the stack is a fresh copy, and one T-fold copy is enough
 
 
@@ -204,7 +211,7 @@ def _build_one(
     if not entry.merged:
         base, task_vectors = check_finite(pretrained.detach(), f"pretrained[{entry.name!r}]"), None
     else:
-        base, task_vectors = _base_and_task_vectors(entry, pretrained.detach(), sources, method)
+        base, task_vectors = _base_and_task_vectors(entry, pretrained.detach(), sources, method, with_term)
     if layout is None:
         if not with_term:
             return MergedTensor(base.to(dtype))
