@@ -3,19 +3,24 @@
 The default step keeps every task's activations alive until the one backward; ``per_task_backward``
 runs each task's forward and backward in turn (one task's activations at a time) while the merged
 weights are still evaluated once per step, their gradients gathered and passed to λ and ℓ once.
-Each (T, mode) runs in a fresh subprocess: the merge is built, one step is taken (it includes the
-one-off check of the joined forward), the kernel's peak RSS is reset (Linux ``/proc/self/clear_refs``)
-and a second step is measured: "+step" is its peak above the RSS before it.
+Each (T, mode) runs in a fresh subprocess: the merge is built, one step taken (it includes the
+one-off check of the joined forward and creates Adam's state), freed memory handed back to the system
+(glibc ``malloc_trim``; large blocks are mapped, not kept in the heap: ``MALLOC_MMAP_THRESHOLD_``), the
+RSS read and the kernel's peak RSS reset (Linux ``/proc/self/clear_refs``), and a second step measured:
+"+step" is its peak above the RSS before it, the memory the step itself needs. The time of the two
+modes is in ``bench_tta_step.py`` (interleaved).
 
     nice python benchmarks/bench_tta_memory.py                       # ViT-B-32, 2 blocks, T = 2, 4, 8
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
+import os
 import subprocess
 import sys
-import time
 
 from common import (GIB, finetuned_zoo, heads, images, machine, markdown_table, peak_rss_bytes, reset_peak_rss,
                     rss_bytes, setup_threads, vision_tower)
@@ -24,7 +29,7 @@ MODES = {"joined": False, "per_task_backward": True}
 
 
 def child(arch: str, layers: int, tasks: int, per_task: int, mode: str, rank: float | None) -> dict:
-    """One adaptation step's peak memory and time (run in a fresh process)."""
+    """One adaptation step's peak memory (run in a fresh process)."""
     from mergemodules import Task, merge
     from mergemodules.distributed import World
     from mergemodules.tta import _Adaptation
@@ -41,12 +46,13 @@ def child(arch: str, layers: int, tasks: int, per_task: int, mode: str, rank: fl
     run = _Adaptation(merged, task_set, lr=1e-3, seed=0, world=World(), concat=True, pad_id=0,
                       per_task_backward=MODES[mode], autocast=None)
     run.seed_rng()
-    run.step(1)
+    run.step(1)  # also the one-off check of the joined forward (no gradient) and Adam's state
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what the build and the first step freed goes back to the system
     start = rss_bytes()
     reset_peak_rss()
-    began = time.perf_counter()
     run.step(2)
-    return {"extra": peak_rss_bytes() - start, "seconds": time.perf_counter() - began}
+    return {"extra": peak_rss_bytes() - start}
 
 
 def main() -> None:
@@ -69,15 +75,15 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--arch", args.arch, "--layers", str(args.layers), "--per-task",
                    str(args.per_task), "--child", str(tasks), mode]
             cmd += [] if args.rank is None else ["--rank", str(args.rank)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))  # blocks ≥ 1 MiB mapped, unmapped when freed
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             runs[mode] = json.loads(out.splitlines()[-1])
         joined, alone = runs["joined"], runs["per_task_backward"]
-        rows.append([tasks, f"{joined['extra'] / GIB:.2f}", f"{alone['extra'] / GIB:.2f}",
-                     f"{alone['extra'] / joined['extra']:.2f}", f"{alone['seconds'] / joined['seconds']:.2f}"])
+        rows.append([tasks, f"{joined['extra'] / GIB:.3f}", f"{alone['extra'] / GIB:.3f}",
+                     f"{alone['extra'] / joined['extra']:.2f}"])
     print(f"# Memory of one mm.adapt step, CART+AdaRank ({'full rank' if args.rank is None else f'rank {args.rank}'}), "
           f"{args.arch} with {args.layers} blocks, {args.per_task} images per task; {machine()}")
-    print(markdown_table(["T", "joined forward: +step GiB", "per_task_backward: +step GiB", "memory ratio",
-                          "time ratio"], rows))
+    print(markdown_table(["T", "joined forward: +step GiB", "per_task_backward: +step GiB", "ratio"], rows))
 
 
 if __name__ == "__main__":
