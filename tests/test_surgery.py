@@ -45,7 +45,8 @@ def test_fused_output_equals_merged_output(family, method):
 
 def test_open_clip_vit_b32_visual_merges_in_proj_and_proj():
     pretrained = open_clip_visual("ViT-B-32").eval()
-    finetuned = [perturbed(pretrained, seed=s, rank=4) for s in (1, 2)]
+    # rank-16 updates: the kept top 8 are well separated from zero, so the exact SVD takes its fast route
+    finetuned = [perturbed(pretrained, seed=s, rank=16) for s in (1, 2)]
     # matrix_set="rule": the library's rule decomposes the free `proj` too (CART's own set averages it)
     merged = mm.merge(pretrained, finetuned, "cart", rank=8, matrix_set="rule").eval()
     weights = merged.merged_weights()
