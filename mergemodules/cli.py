@@ -31,7 +31,7 @@ from .sources import (
 )
 from .streaming import save_fused_streaming
 from .surgery import merge
-from .targets import Entry, plan
+from .targets import Entry, method_layout, plan
 
 __all__ = ["main", "build_parser", "memory_plan"]
 
@@ -400,11 +400,12 @@ def memory_plan(entries: Sequence[Entry], method: Method, T: int, bytes_per: int
     for e in entries:
         numel = int(torch.Size(e.shape).numel())
         kind, rank, extra = "kept", "", 0
-        if e.merged and e.is_matrix and method.matrices != "none":
+        is_matrix = method_layout(e, method.matrix_set) is not None  # the method's matrix set, not the rule's
+        if e.merged and is_matrix and method.matrices != "none":
             terms, k = _stored(method, T, e.shape)
             kind, rank = ("matrix, low-rank", str(k)) if k is not None else ("matrix, dense", "full")
             extra = terms * (numel if k is None else k * (sum(e.shape) + 1))
-        elif e.merged and e.is_matrix:
+        elif e.merged and is_matrix:
             kind = "matrix, base only"
         elif e.merged and method.dense:
             terms, _ = _stored(method, T, (1, 1))
@@ -484,8 +485,9 @@ def _method(method: str | Method, pairs: Sequence[str] | None) -> Method:
 
 def _report_plan(recipe: Recipe, entries: Sequence[Entry]) -> None:
     merged = [e for e in entries if e.merged]
+    matrices = sum(method_layout(e, recipe.method.matrix_set) is not None for e in merged)
     logger.info("%s: %d tensors (%d merged, %d as matrices), %d tasks, method %s", recipe.path, len(entries),
-                len(merged), sum(e.is_matrix for e in merged), len(recipe.tasks), recipe.method.name)
+                len(merged), matrices, len(recipe.tasks), recipe.method.name)
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -26,7 +26,7 @@ from .decompose import resolve_rank
 from .methods import Method, get_method
 from .sources import MODEL_KINDS, build_model, open_checkpoint, parse_size, shapes_of
 from .streaming import check_weights
-from .targets import Entry, plan
+from .targets import Entry, method_layout, plan
 
 __all__ = ["Recipe", "ModelSpec", "CheckpointSpec", "AdaptSpec", "RecipeError", "CheckpointError", "load_recipe", "parse_recipe", "DTYPES"]
 
@@ -481,7 +481,7 @@ def _check_ranks(recipe: Recipe, entries: list[Entry]) -> None:
     if method.matrices != "svd":
         return
     for entry in entries:
-        if not (entry.merged and entry.is_matrix):
+        if not (entry.merged and method_layout(entry, method.matrix_set) is not None):
             continue
         try:
             kept = resolve_rank(method.rank, entry.shape, "rank")

@@ -165,3 +165,21 @@ def test_help_is_useful(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     for command in ("merge", "adapt", "inspect", "fuse", "docs/recipes.md"):
         assert command in out
+
+
+def test_memory_plan_follows_the_method_matrix_set():
+    """``inspect`` counts as matrices what the method decomposes: TSV-M's ``all_2d`` takes a free 2-D table."""
+    from mergemodules.cli import memory_plan
+    from mergemodules.targets import plan
+
+    class WithTable(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 16)
+            self.table = torch.nn.Parameter(torch.zeros(10, 8))
+
+    entries = plan(WithTable(), None, None, None)
+    kinds = {m: {r["name"]: r["merged"] for r in memory_plan(entries, mm.get_method(m), 4, 4)}
+             for m in ("tsv", "task_arithmetic")}
+    assert kinds["tsv"]["table"] == "matrix, low-rank" and kinds["task_arithmetic"]["table"] == "dense"
+    assert kinds["tsv"]["fc.weight"] == "matrix, low-rank"
