@@ -128,8 +128,8 @@ def _fused(
             fused = module().detach().to(out[values.names[entry.name]]).contiguous()  # the one rounding
         del module
         yield entry.names, check_finite(fused, f"the fused tensor {entry.name!r}")
-    for key, value in buffers.items():
-        yield (key,), value.to(out[key])
+    for key, value in buffers.items():  # already in their output dtype (fuse_streaming)
+        yield (key,), value
 
 
 def merge_to_state_dict(
