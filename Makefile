@@ -15,4 +15,4 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests
 
 bench: $(STAMP)
-	$(VENV)/bin/python -m mergemodules.bench $(ARGS)
+	$(VENV)/bin/python -m benchmarks.accuracy $(ARGS)

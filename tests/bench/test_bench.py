@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from mergemodules.bench import data as D
-from mergemodules.bench import models as M
-from mergemodules.bench import table as T
-from mergemodules.bench import zoo as Z
+from benchmarks.accuracy import data as D
+from benchmarks.accuracy import models as M
+from benchmarks.accuracy import table as T
+from benchmarks.accuracy import zoo as Z
 
 os.environ.setdefault("MERGEMODULES_BENCH_QUIET", "1")
 
@@ -115,7 +115,7 @@ def test_tiny_vision_zoo_and_a_merge(tmp_path):
 
 
 def test_run_suite_writes_table_section_plots_and_keeps_other_sections(text_zoo, tmp_path):
-    from mergemodules.bench.report import run_suite
+    from benchmarks.accuracy.report import run_suite
 
     md = tmp_path / "RESULTS.md"
     md.write_text("# Results\n\n## Someone else's section\nkeep me\n")
@@ -132,8 +132,8 @@ def test_run_suite_writes_table_section_plots_and_keeps_other_sections(text_zoo,
 
 
 def test_cli_help_and_presets(capsys):
-    from mergemodules.bench import presets
-    from mergemodules.bench.__main__ import main
+    from benchmarks.accuracy import presets
+    from benchmarks.accuracy.__main__ import main
 
     with pytest.raises(SystemExit) as e:
         main(["--help"])

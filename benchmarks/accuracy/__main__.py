@@ -1,10 +1,10 @@
-"""``python -m mergemodules.bench``: build (or reuse) the zoo, merge with every method, print the table.
+"""``python -m benchmarks.accuracy``: build (or reuse) the zoo, merge with every method, print the table.
 
-    python -m mergemodules.bench                 # reduced default: both suites, fewer tasks/steps
-    python -m mergemodules.bench --full          # the full benchmark (all tasks, paper-like budgets)
-    python -m mergemodules.bench --suite text    # one suite only
-    python -m mergemodules.bench --cache DIR     # zoo cache (default $MERGEMODULES_BENCH_CACHE or ~/.cache/mergemodules/bench)
-    python -m mergemodules.bench --results benchmarks/RESULTS.md --plots benchmarks/plots
+    python -m benchmarks.accuracy                 # reduced default: both suites, fewer tasks/steps
+    python -m benchmarks.accuracy --full          # the full benchmark (all tasks, paper-like budgets)
+    python -m benchmarks.accuracy --suite text    # one suite only
+    python -m benchmarks.accuracy --cache DIR     # zoo cache (default $MERGEMODULES_BENCH_CACHE or ~/.cache/mergemodules/bench)
+    python -m benchmarks.accuracy --results benchmarks/RESULTS.md --plots benchmarks/plots
 
 Nothing is downloaded: the data and the pretrained text model come from installed packages
 (``.ci/install-data.sh`` installs the Debian ones).
@@ -23,7 +23,7 @@ from .report import run_suite
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mergemodules.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the full benchmark (all tasks, longer fine-tuning and TTA)")
     p.add_argument("--suite", choices=("text", "vision", "all"), default="all")
@@ -56,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     elif hasattr(os, "getloadavg") and os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1):
-        logging.getLogger("mergemodules.bench").info(
+        logging.getLogger("benchmarks.accuracy").info(
             "load average %.1f on %d cores: using 1 torch thread (--threads N to override)", os.getloadavg()[0], os.cpu_count())
         torch.set_num_threads(1)
     suites = ("text", "vision") if args.suite == "all" else (args.suite,)
-    command = "python -m mergemodules.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.time()
     for suite in suites:
         cfg, rc = presets.get(suite, full=args.full)

@@ -42,7 +42,7 @@ def plot_cart_rank(sweep: list[tuple[float, float]], refs: dict[str, float], pat
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..io import atomic_write
+    from mergemodules.io import atomic_write
 
     fig = Figure(figsize=(5.5, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
@@ -82,9 +82,9 @@ def plot_adarank_masks(merged: torch.nn.Module, names: list[str], path: str) -> 
 
 def _section(md_path: str, key: str, body: str) -> None:
     """Replace (or append) the block between this benchmark's markers; the rest of the file is kept."""
-    from ..io import atomic_write
+    from mergemodules.io import atomic_write
 
-    begin, end = f"<!-- mergemodules.bench {key} BEGIN -->", f"<!-- mergemodules.bench {key} END -->"
+    begin, end = f"<!-- benchmarks.accuracy {key} BEGIN -->", f"<!-- benchmarks.accuracy {key} END -->"
     block = f"{begin}\n{body.rstrip()}\n{end}\n"
     text = ""
     if os.path.isfile(md_path):
@@ -126,7 +126,7 @@ def _zoo_table(zoo) -> str:
 
 def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None, rebuild: bool = False,
               results_md: str | None = None, plots_dir: str | None = None, json_dir: str | None = None,
-              command: str = "python -m mergemodules.bench", preset: str = "default") -> dict[str, Any]:
+              command: str = "python -m benchmarks.accuracy", preset: str = "default") -> dict[str, Any]:
     t0, c0 = time.time(), time.process_time()
     load_start = _load()
     zoo = build_zoo(cfg, cache_dir, rebuild=rebuild)

@@ -115,7 +115,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: d
     """Write safetensors atomically (temporary file, then ``os.replace``); returns the file's sha256."""
     from safetensors.torch import save_file
 
-    from ..io import atomic_write
+    from mergemodules.io import atomic_write
 
     digest: list[str] = []
 
@@ -129,7 +129,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: d
 
 
 def atomic_write_json(obj: Any, path: str) -> None:
-    from ..io import atomic_write
+    from mergemodules.io import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
