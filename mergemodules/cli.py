@@ -24,7 +24,7 @@ from .io import load_merge_state, save_fused, save_merge_state
 from .methods import Method, get_method
 from .methods.ties import Ties
 from .methods.tsv import TaskSingularVectors
-from .recipe import DTYPES, Recipe, RecipeError, load_recipe
+from .recipe import AUTOCAST, DTYPES, AdaptSpec, Recipe, RecipeError, load_recipe
 from .sources import (
     DEFAULT_MAX_SHARD_SIZE, MODEL_KINDS, build_model, cast_tensors_, compute_dtype_of, load_callable, output_dtypes,
     parse_size, shapes_of, write_hf_folder,
@@ -294,15 +294,13 @@ def _tasks(recipe: Recipe, data: str | None) -> tuple[dict[str, Any], dict[str, 
 
 
 def cmd_adapt(args: argparse.Namespace) -> None:
-    """Merge with an adaptive method, adapt λ/ℓ by entropy minimisation, write the fused model."""
-    from .tta import adapt
-
+    """Merge with an adaptive method, adapt λ/ℓ by entropy minimisation, write the fused model (torchrun-aware)."""
     recipe, _, entries = load_recipe(args.recipe)
     recipe = _with_dtypes(recipe, args)
-    spec = recipe.adapt
+    spec = _adapt_spec(recipe, args)
     out = _output(recipe, args.output)
-    merge_state = Path(args.merge_state) if args.merge_state else (spec.merge_state if spec else None)
-    checkpoint = spec.checkpoint if spec else None
+    merge_state = Path(args.merge_state) if args.merge_state else spec.merge_state
+    checkpoint = spec.checkpoint
     if args.resume and (checkpoint is None or not checkpoint.is_file()):
         raise CommandError(f"--resume: no adaptation checkpoint {str(checkpoint or '(adapt.checkpoint unset)')!r}")
     outputs = [_Output("output", out, "folder" if recipe.is_hf else "safetensors")]
@@ -312,19 +310,65 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     if checkpoint is not None:
         outputs.append(_Output("adapt.checkpoint", checkpoint, "file", replace_ok=args.resume))
     _check_outputs(outputs, _recipe_inputs(recipe), args.force)
+    with _process_group(recipe.device) as (rank, device):
+        local = dataclasses.replace(recipe, device=device)
+        _adapt(local, entries, dataclasses.replace(spec, merge_state=merge_state), args, out, rank)
+
+
+def _adapt(recipe: Recipe, entries: Sequence[Entry], spec: AdaptSpec, args: argparse.Namespace, out: Path,
+           rank: int) -> None:
+    """Merge on this process's device, adapt, and (rank 0) write the outputs."""
+    from .tta import adapt
+
     tasks, eval_data = _tasks(recipe, args.data)
     model = _real_model(recipe, entries)
     sources = [task.open(recipe.dtype, recipe.device) for task in recipe.tasks]
-    merged = merge(model, sources, recipe.method, progress=_progress(), **recipe.merge_options())
+    merged = merge(model, sources, recipe.method, progress=_progress() and rank == 0, **recipe.merge_options())
     history = adapt(
-        merged, tasks, steps=args.steps or (spec.steps if spec else 100), lr=spec.lr if spec else 1e-3,
-        seed=spec.seed if spec else 0, eval_data=eval_data, eval_every=spec.eval_every if spec else None,
-        checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every if spec else None,
-        resume=args.resume, progress=_progress(),
+        merged, tasks, steps=args.steps or spec.steps, lr=spec.lr, seed=spec.seed, eval_data=eval_data,
+        eval_every=spec.eval_every, checkpoint=spec.checkpoint, checkpoint_every=spec.checkpoint_every,
+        resume=args.resume, progress=_progress() and rank == 0, pad_id=spec.pad_id, parallel=spec.parallel,
+        per_task_backward=spec.per_task_backward, autocast=spec.autocast,
     )
+    if rank != 0:
+        return  # rank 0 alone writes: every process holds the same λ and ℓ
     if history:
         logger.info("adapted %d steps; final loss %.4f", history[-1]["step"], history[-1]["loss"])
-    _save_adapted(recipe, merged, out, merge_state, args.force)
+    _save_adapted(recipe, merged, out, spec.merge_state, args.force)
+
+
+def _adapt_spec(recipe: Recipe, args: argparse.Namespace) -> AdaptSpec:
+    """The recipe's ``adapt`` section with the command line's overrides."""
+    spec = recipe.adapt or AdaptSpec(data="")
+    flags = {"parallel": args.parallel, "pad_id": args.pad_id,
+             "autocast": AUTOCAST[args.autocast] if args.autocast else None,
+             "per_task_backward": True if args.per_task_backward else None}
+    return dataclasses.replace(spec, **{k: v for k, v in flags.items() if v is not None})
+
+
+@contextlib.contextmanager
+def _process_group(device: str) -> Iterator[tuple[int, str]]:
+    """Under torchrun (``WORLD_SIZE`` > 1), join the process group: yields (rank, this process's device).
+
+    NCCL for CUDA (each process on ``cuda:LOCAL_RANK``), gloo otherwise. One process: (0, ``device``).
+    """
+    import torch.distributed as dist
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1 or not dist.is_available() or dist.is_initialized():
+        yield (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0), device
+        return
+    if device.startswith("cuda") and ":" not in device:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank()
+    if rank != 0:
+        logging.getLogger("mergemodules").setLevel(logging.WARNING)  # logs and progress bars from rank 0
+    try:
+        yield rank, device
+    finally:
+        dist.destroy_process_group()
 
 
 def _save_adapted(recipe: Recipe, merged: Any, out: Path, merge_state: Path | None, force: bool) -> None:
@@ -546,6 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, help="override adapt.steps")
     p.add_argument("--resume", action="store_true", help="continue from adapt.checkpoint")
     p.add_argument("--merge-state", help="also save the adapted merge state (factors, λ, ℓ) here")
+    p.add_argument("--parallel", choices=("data", "tasks"),
+                   help="under torchrun: each process takes a slice of every task's batch (data, the default) or a "
+                        "subset of the tasks (tasks); overrides adapt.parallel")
+    p.add_argument("--per-task-backward", action="store_true",
+                   help="backward after each task's forward: one task's activations alive at a time")
+    p.add_argument("--autocast", choices=("bf16", "fp16"), help="adaptation forward in bf16/fp16 (entropy in float32)")
+    p.add_argument("--pad-id", type=int, help="pad value of token batches of different lengths (default 0)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     _dtype_flags(p)
     p.set_defaults(func=cmd_adapt)

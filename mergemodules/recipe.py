@@ -39,7 +39,8 @@ KEYS = ("model", "base", "tasks", "method", "options", "targets", "exclude", "ma
 MODEL_KEYS = (*MODEL_KINDS, "kwargs", "submodule")
 CHECKPOINT_KEYS = ("path", "key")
 ADAPT_KEYS = ("data", "kwargs", "eval", "steps", "lr", "seed", "eval_every", "checkpoint", "checkpoint_every",
-              "merge_state")
+              "merge_state", "parallel", "per_task_backward", "autocast", "pad_id")
+AUTOCAST = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 KeyPath = tuple[Any, ...]
 OPTION_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
@@ -97,6 +98,10 @@ class AdaptSpec:
     checkpoint: Path | None = None
     checkpoint_every: int | None = None
     merge_state: Path | None = None
+    parallel: str | None = None  # under torchrun: "data" (slices of every task's batch) or "tasks"
+    per_task_backward: bool = False  # one task's activations alive at a time
+    autocast: torch.dtype | None = None  # bf16/fp16 adaptation forward, entropy in float32
+    pad_id: int = 0  # pads token batches of different lengths when the tasks' batches are joined
 
 
 @dataclass
@@ -249,6 +254,11 @@ class _Parser:
             raise self.error(key, f"expected {what}, got {value!r}")
         return value
 
+    def choice(self, value: Any, key: KeyPath, allowed: tuple[str, ...]) -> str:
+        if value not in allowed:
+            raise self.error(key, f"expected one of {list(allowed)}, got {value!r}")
+        return value
+
     def file(self, value: Any, key: KeyPath, folder_ok: bool = False) -> Path:
         self.typed(value, key, str, "a path")
         path = self.path.parent / Path(os.path.expanduser(value))
@@ -355,10 +365,10 @@ class _Parser:
         kw["kwargs"] = dict(self.typed(spec.get("kwargs") or {}, ("adapt", "kwargs"), dict, "a mapping"))
         if spec.get("eval") is not None:
             kw["eval"] = self.typed(spec["eval"], ("adapt", "eval"), str, "'module:function'")
-        for name in ("steps", "seed", "eval_every", "checkpoint_every"):
+        for name in ("steps", "seed", "eval_every", "checkpoint_every", "pad_id"):
             if spec.get(name) is not None:
                 kw[name] = self.typed(spec[name], ("adapt", name), int, "an integer")
-                if name != "seed" and kw[name] <= 0:
+                if name not in ("seed", "pad_id") and kw[name] <= 0:
                     raise self.error(("adapt", name), f"expected a positive integer, got {kw[name]!r}")
         if spec.get("lr") is not None:
             kw["lr"] = float(self.typed(spec["lr"], ("adapt", "lr"), (int, float), "a number"))
@@ -367,6 +377,13 @@ class _Parser:
         for name in ("checkpoint", "merge_state"):
             if spec.get(name) is not None:
                 kw[name] = self.path.parent / self.typed(spec[name], ("adapt", name), str, "a path")
+        if spec.get("parallel") is not None:
+            kw["parallel"] = self.choice(spec["parallel"], ("adapt", "parallel"), ("data", "tasks"))
+        if spec.get("per_task_backward") is not None:
+            kw["per_task_backward"] = self.typed(spec["per_task_backward"], ("adapt", "per_task_backward"), bool,
+                                                 "true or false")
+        if spec.get("autocast") is not None:
+            kw["autocast"] = AUTOCAST[self.choice(spec["autocast"], ("adapt", "autocast"), tuple(AUTOCAST))]
         return AdaptSpec(**kw)
 
     def recipe(self, doc: Any) -> Recipe:
