@@ -133,11 +133,12 @@ def _top_entries(flat: Tensor, k: int) -> Tensor:
     if k <= 0:
         return torch.zeros_like(flat, dtype=torch.bool)
     magnitudes = _magnitudes(flat)
-    threshold = magnitudes.kthvalue(n - k + 1, dim=1, keepdim=True).values  # the k-th largest
-    kept = magnitudes > threshold
-    for t in range(T):
+    threshold = magnitudes.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # the k-th largest
+    kept = magnitudes >= threshold
+    extra = kept.sum(dim=1) - k  # entries tied with the k-th beyond it: usually none
+    for t in extra.nonzero().flatten().tolist():
         tied = (magnitudes[t] == threshold[t]).nonzero().flatten()
-        kept[t, tied[: k - int(kept[t].sum())]] = True
+        kept[t, tied[len(tied) - int(extra[t]):]] = False
     return kept
 
 
@@ -145,10 +146,10 @@ def _disjoint_mean(task_vectors: Tensor, kept: Tensor, zero_sign: float) -> Tens
     """TIES on (T, n) entries: keep the ``kept`` ones, elect the sign of their sum (``zero_sign`` where it
     is 0), average those that have the elected sign. As the reference's ``where(sign > 0, τ > 0, τ < 0)``,
     an elected sign of 0 (only when ``zero_sign`` is 0) selects the negative entries."""
-    trimmed = torch.where(kept, task_vectors, torch.zeros_like(task_vectors))
-    elected = torch.sign(trimmed.sum(dim=0))
-    elected = torch.where(elected == 0, torch.full_like(elected, zero_sign), elected)
+    trimmed = torch.where(kept, task_vectors, 0.0)
+    elected = trimmed.sum(dim=0).sign_()
+    if zero_sign != 0:
+        elected = torch.where(elected == 0, zero_sign, elected)
     agree = torch.where(elected > 0, trimmed > 0, trimmed < 0)
-    total = (trimmed * agree).sum(dim=0)
-    count = agree.sum(dim=0).clamp(min=1)
-    return total / count
+    count = agree.sum(dim=0).clamp_(min=1)
+    return trimmed.mul_(agree).sum(dim=0).div_(count)
