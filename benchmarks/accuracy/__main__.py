@@ -5,6 +5,8 @@
     python -m benchmarks.accuracy --suite text    # one suite only
     python -m benchmarks.accuracy --cache DIR     # zoo cache (default $MERGEMODULES_BENCH_CACHE or ~/.cache/mergemodules/bench)
     python -m benchmarks.accuracy --results benchmarks/RESULTS.md --plots benchmarks/plots
+    python -m benchmarks.accuracy --seeds 0,1,2   # one zoo per seed, the spread of every method's mean
+    python -m benchmarks.accuracy --tasks-from my_tasks.py --suite my_suite   # your own tasks/backbone
 
 Nothing is downloaded: the data and the pretrained text model come from installed packages
 (``.ci/install-data.sh`` installs the Debian ones).
@@ -18,15 +20,30 @@ import os
 import sys
 import time
 
-from . import presets
-from .report import run_suite
+from . import plugins, presets
+from .report import run_seeds, run_suite
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds: comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds: distinct seeds, got {text!r}")
+    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the full benchmark (all tasks, longer fine-tuning and TTA)")
-    p.add_argument("--suite", choices=("text", "vision", "all"), default="all")
+    p.add_argument("--suite", default="all", help=f"one of {', '.join(presets.SUITES)}, a suite registered by "
+                   "--tasks-from, or 'all' (the built-in suites)")
+    p.add_argument("--tasks-from", action="append", default=[], metavar="FILE",
+                   help="a Python file that registers your own tasks, backbones and suites (see the README); repeatable")
+    p.add_argument("--seeds", type=_seeds, default=None,
+                   help=f"comma-separated seeds, one zoo each (default: 0; --full: {','.join(map(str, presets.FULL_SEEDS))})")
     p.add_argument("--cache", default=None, help="zoo cache directory")
     p.add_argument("--rebuild", action="store_true", help="ignore the cache and rebuild the zoo")
     p.add_argument("--results", default=None, help="Markdown file to write this benchmark's sections into "
@@ -34,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", default=None, help="directory for the plots (e.g. benchmarks/plots)")
     p.add_argument("--json", default=None, help="directory for the raw results as JSON (default: the zoo directory)")
     p.add_argument("--methods", default=None, help="comma-separated row labels to run (default: all)")
-    p.add_argument("--tta-steps", type=int, default=None, help="override the preset's test-time adaptation steps")
+    p.add_argument("--tta-steps", type=int, default=None,
+                   help="the adaptation's step budget (it stops earlier at a plateau unless --full)")
+    p.add_argument("--adarank-lr", type=float, default=None,
+                   help="AdaRank rows' learning rate (default: the AdaMerging rate 1e-3; the AdaRank paper's language "
+                        "rate is 5e-5)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice, or 1 when the load average exceeds the cores: "
                         "on a shared machine one thread is several times faster than threads that spin-wait)")
@@ -59,11 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("benchmarks.accuracy").info(
             "load average %.1f on %d cores: using 1 torch thread (--threads N to override)", os.getloadavg()[0], os.cpu_count())
         torch.set_num_threads(1)
-    suites = ("text", "vision") if args.suite == "all" else (args.suite,)
+    for path in args.tasks_from:
+        plugins.load(path)
+    known = (*presets.SUITES, *plugins.SUITES)
+    if args.suite != "all" and args.suite not in known:
+        p.error(f"--suite: unknown suite {args.suite!r}; known: {', '.join(known)} or all")
+    suites = presets.SUITES if args.suite == "all" else (args.suite,)
     command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.time()
     for suite in suites:
-        cfg, rc = presets.get(suite, full=args.full)
+        cfg, rc = plugins.SUITES[suite](args.full) if suite in plugins.SUITES else presets.get(suite, full=args.full)
         preset = "full" if args.full else "default"
         if args.methods:
             rc = presets.replace(rc, rows=tuple(m.strip() for m in args.methods.split(",")))
@@ -71,12 +97,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.tta_steps is not None:
             rc = presets.replace(rc, tta_steps=args.tta_steps)
             preset += f"-tta{args.tta_steps}"
-        out = run_suite(cfg, rc, cache_dir=args.cache, rebuild=args.rebuild, results_md=args.results,
-                        plots_dir=args.plots, json_dir=args.json, command=command.strip(), preset=preset)
-        print()
-        print(f"## {suite} suite ({'full' if args.full else 'reduced default'}): accuracy (%) on held-out test data")
-        print(out["table"])
-        print(f"\n{out['summary']}")
+        if args.adarank_lr is not None:
+            rc = presets.replace(rc, adarank_lr=args.adarank_lr)
+            preset += f"-adarank{args.adarank_lr:g}"
+        seeds = args.seeds or (presets.FULL_SEEDS if args.full else (cfg.seed,))
+        kw = dict(cache_dir=args.cache, rebuild=args.rebuild, results_md=args.results, plots_dir=args.plots,
+                  json_dir=args.json, command=command.strip(), preset=preset)
+        if len(seeds) > 1:
+            out = run_seeds(cfg, rc, seeds, **kw)
+            outs = list(out["per_seed"].values())
+        else:
+            outs = [run_suite(presets.replace(cfg, seed=seeds[0]), presets.replace(rc, seed=seeds[0]), **kw)]
+        for o in outs:
+            print(f"\n## {suite} suite ({preset}, seed {o['zoo'].config.seed}): accuracy (%) on the test data")
+            print(o["table"])
+            print("\n".join(f"- {line}" for line in o["orderings"]))
+            print(f"\n{o['summary']}")
+        if len(seeds) > 1:
+            print(f"\n## {suite} suite over seeds {list(seeds)}\n{out['table']}")
     print(f"\ntotal: {time.time() - t0:.0f} s")
     return 0
 

@@ -1,22 +1,26 @@
-"""One suite end to end: zoo, every method, the CART rank sweep, plots, JSON and the RESULTS.md section."""
+"""One suite end to end (zoo, every row, diagnostics, plots, JSON, its RESULTS.md sections), and seeds."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import platform
 import re
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from . import diagnostics, plots, stats
 from . import table as T
-from .zoo import SuiteConfig, build_zoo
+from .zoo import SuiteConfig, Zoo, atomic_write_json, build_zoo
 
 logger = logging.getLogger(__name__)
+
+SPECTRUM_FRACTIONS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0)
 
 
 def _load() -> str:
@@ -27,6 +31,7 @@ def _load() -> str:
 
 
 def machine_line() -> str:
+    """The machine in one line: cores, CPU model, torch and its threads, Python, OS."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -38,50 +43,8 @@ def machine_line() -> str:
             f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
 
 
-def plot_cart_rank(sweep: list[tuple[float, float]], refs: dict[str, float], path: str, title: str) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from mergemodules.io import atomic_write
-
-    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    xs, ys = [r for r, _ in sweep], [100 * a for _, a in sweep]
-    ax.plot(xs, ys, "o-", color="#2a62b8", label="CART (λ = 1)")
-    styles = iter(["--", ":", "-."])
-    for name, value in refs.items():
-        if value == value:  # not NaN
-            ax.axhline(100 * value, ls=next(styles, "--"), color="gray", lw=1)
-            ax.text(xs[0], 100 * value, f" {name}", va="bottom", fontsize=8, color="gray")
-    ax.set_xscale("log")
-    ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    ax.set_xlabel("kept rank fraction γ (of min(out, in))")
-    ax.set_ylabel("mean test accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="center right")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    return path
-
-
-def plot_adarank_masks(merged: torch.nn.Module, names: list[str], path: str) -> str | None:
-    """AdaRank's Figure 5 for a few layers (first, middle and last masked matrices), if the library has it."""
-    try:
-        from mergemodules.masks import hard_masks, plot_masks
-    except ImportError as e:
-        logger.warning("AdaRank mask plot: missing (%s)", e)
-        return None
-    layers = list(hard_masks(merged))
-    if not layers:
-        return None
-    pick = sorted({0, len(layers) // 2, len(layers) - 1, 1, len(layers) - 2} & set(range(len(layers))))
-    plot_masks(merged, path, layers=[layers[i] for i in pick], task_names=names, fraction=0.5)
-    return path
-
-
-def _section(md_path: str, key: str, body: str) -> None:
-    """Replace (or append) the block between this benchmark's markers; the rest of the file is kept."""
+def write_section(md_path: str, key: str, body: str) -> None:
+    """Replace (or append) the block between this benchmark's ``key`` markers; the rest of the file is kept."""
     from mergemodules.io import atomic_write
 
     begin, end = f"<!-- benchmarks.accuracy {key} BEGIN -->", f"<!-- benchmarks.accuracy {key} END -->"
@@ -94,102 +57,299 @@ def _section(md_path: str, key: str, body: str) -> None:
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     else:
-        if not text:
-            text = "# Benchmark results\n"
-        text = text.rstrip() + "\n\n" + block
-    os.makedirs(os.path.dirname(md_path) or ".", exist_ok=True)
+        text = (text or "# Benchmark results\n").rstrip() + "\n\n" + block
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
 
+    os.makedirs(os.path.dirname(md_path) or ".", exist_ok=True)
     atomic_write(md_path, write)
 
 
-HEAD_INIT = {"zeroshot": "a zero-shot head (class descriptions)", "probe": "a linear probe",
-             "prototype": "a {shots}-shot prototype head (class means of {shots} train examples)"}
+# --------------------------------------------------------------------------- tables
+def _pct(x: float | None) -> str:
+    return "–" if x is None or x != x else f"{100 * x:.1f}"
 
 
-def _zoo_table(zoo) -> str:
+def _individual(results: list[T.Result]) -> dict[str, float]:
+    ind = next((r for r in results if r.label == "Individual" and r.status == "ok"), None)
+    return ind.test if ind else {}
+
+
+def normalized(r: T.Result, individual: dict[str, float]) -> dict[str, float]:
+    """Per task merged / individual accuracy (the papers' normalized accuracy); empty without the Individual row."""
+    if not individual or r.status != "ok":
+        return {}
+    return {k: v / individual[k] for k, v in r.test.items() if individual.get(k)}
+
+
+def _settings(r: T.Result) -> str:
+    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.chosen.items()]
+    a = r.adaptation
+    if a:
+        parts.append(f"{a['steps']} steps{'' if a['converged'] else ' (NO plateau)'}")
+    return ", ".join(parts)
+
+
+def accuracy_table(zoo: Zoo, results: list[T.Result]) -> str:
+    """Absolute test accuracy per task (± the larger side of the Wilson 95 % interval), mean [95 % CI], normalized."""
+    names, individual = zoo.names, _individual(results)
+    n = {t.name: len(t.y["test"]) for t in zoo.tasks}
+    lines = ["| method | " + " | ".join(f"{m} (n={n[m]})" for m in names)
+             + " | mean [95 % CI] | normalized mean | settings (chosen on val / adaptation) |",
+             "| --- | " + " | ".join("---:" for _ in names) + " | ---: | ---: | --- |"]
+    for r in results:
+        if r.status != "ok":
+            lines.append(f"| {r.label} | " + " | ".join([r.status] * (len(names) + 2)) + f" | {r.note[:80]} |")
+            continue
+        cells = []
+        for m in names:
+            c = r.correct[m]
+            lo, hi = stats.wilson(int(c.sum()), len(c))
+            p = r.test[m]
+            cells.append(f"{100 * p:.1f} ±{100 * max(p - lo, hi - p):.1f}")
+        mean, lo, hi = r.ci()
+        norm = normalized(r, individual)
+        nm = _pct(sum(norm.values()) / len(norm)) if norm else "–"
+        lines.append(f"| {r.label} | " + " | ".join(cells)
+                     + f" | **{100 * mean:.1f}** [{100 * lo:.1f}, {100 * hi:.1f}] | {nm} | {_settings(r)} |")
+    return "\n".join(lines)
+
+
+def normalized_table(zoo: Zoo, results: list[T.Result]) -> str:
+    """Normalized accuracy (%) per task: merged / individual."""
+    individual = _individual(results)
+    lines = ["| method | " + " | ".join(zoo.names) + " | mean |", "| --- | " + " | ".join("---:" for _ in zoo.names) + " | ---: |"]
+    for r in results:
+        norm = normalized(r, individual)
+        if norm and r.label != "Individual":
+            lines.append(f"| {r.label} | " + " | ".join(_pct(norm.get(m)) for m in zoo.names)
+                         + f" | **{_pct(sum(norm.values()) / len(norm))}** |")
+    return "\n".join(lines)
+
+
+def grid_table(results: list[T.Result]) -> str:
+    """λ chosen on val beside the paper's default λ, both evaluated on test."""
+    lines = ["| method | λ chosen on val | val mean at it | test mean at it | paper's λ | val mean at it | test mean at it |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        if r.paper:
+            val_mean = sum(r.val.values()) / len(r.val) if r.val else float("nan")
+            lines.append(f"| {r.label} | {r.chosen['scaling']:g} | {_pct(val_mean)} | {_pct(r.mean)} | "
+                         f"{r.paper['scaling']:g} | {_pct(r.paper['val_mean'])} | {_pct(r.paper['test_mean'])} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def adaptation_table(results: list[T.Result]) -> str:
+    """Per adaptive row: steps and plateau, entropy over all test inputs before → after, accuracy, λ, mask flips."""
+    lines = ["| method | lr | steps (budget) | plateau | entropy, all test inputs (Σ tasks) | test mean acc | "
+             "λ mean [min, max] before → after | mean \\|Δλ\\| (max) | masks kept, on→off / off→on |",
+             "| --- | ---: | ---: | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        a = r.adaptation
+        if not a or "entropy_after" not in a:
+            continue
+        eb, ea = sum(a["entropy_before"].values()), sum(a["entropy_after"].values())
+        ab = sum(a["accuracy_before"].values()) / len(a["accuracy_before"])
+        lb, la = a["lambda_before"], a["lambda_after"]
+        f = a["mask_flips"]
+        masks = (f"{f['kept_before']} → {f['kept_after']} of {f['total']}, {f['on_to_off']} / {f['off_to_on']}"
+                 if f else "–")
+        lines.append(
+            f"| {r.label} | {a['lr']:g} | {a['steps']} ({a['budget']}) | "
+            f"{'at step ' + str(a['plateau_step']) if a['converged'] else '**not reached**'} | "
+            f"{eb:.3f} → {ea:.3f} | {_pct(ab)} → {_pct(r.mean)} | "
+            f"{lb['mean']:.3f} [{lb['min']:.2f}, {lb['max']:.2f}] → {la['mean']:.3f} [{la['min']:.2f}, {la['max']:.2f}] | "
+            f"{a['lambda_change']['mean_abs']:.3f} ({a['lambda_change']['max_abs']:.3f}) | {masks} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def ordering_lines(results: list[T.Result]) -> list[str]:
+    """The papers' two orderings, each judged with paired 95 % intervals on the test examples."""
+    correct = {r.label: r.correct for r in results if r.status == "ok" and r.correct}
+    return [stats.ordering(T.STATIC_ORDER, correct), stats.ordering(T.ADAPTIVE_ORDER, correct)]
+
+
+def cosine_table(names: list[str], m: list[list[float]]) -> str:
+    """A cosine matrix as a Markdown table."""
+    lines = ["| | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    lines += [f"| {a} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for a, row in zip(names, m)]
+    return "\n".join(lines)
+
+
+def _zoo_table(zoo: Zoo) -> str:
     def pct(d):
         return "–" if not d else f"{100 * d['test']:.1f}"
 
-    lines = ["| task | source (package: input -> label) | classes | train / val / tta / test | initial head (zero-shot / few-shot) | "
+    lines = ["| task | source (package: input -> label) | classes | train / val / test | initial (frozen) head | "
              "linear probe | fine-tuned (Individual) |", "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
     for t in zoo.tasks:
         s = t.entry.get("sizes", {})
         lines.append(f"| {t.name} | {t.data.source} | {len(t.data.classes)} | {s.get('train')} / {s.get('val')} / "
-                     f"{s.get('tta')} / {s.get('test')} | {pct(t.entry.get('zero_shot_accuracy'))} | "
+                     f"{s.get('test')} | {pct(t.entry.get('zero_shot_accuracy'))} | "
                      f"{pct(t.entry.get('linear_probe_accuracy'))} | {pct(t.entry['accuracy'])} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- one suite
+def _plots(zoo: Zoo, results: list[T.Result], sweep, diag: dict[str, Any], keep: dict[str, torch.nn.Module],
+           plots_dir: str, tag: str) -> dict[str, str]:
+    suite, out = zoo.config.suite, {}
+    by_label = {r.label: r for r in results if r.status == "ok"}
+    path = lambda name: os.path.join(plots_dir, f"{name}_{tag}.png")  # noqa: E731
+    if sweep:
+        refs = {k: by_label[k].mean for k in ("Individual", "Weight Averaging", "Pretrained") if k in by_label}
+        out["cart_rank"] = plots.cart_rank(sweep, refs, path("cart_rank"), f"CART on the {suite} suite ({len(zoo.tasks)} tasks)")
+    for label, merged in keep.items():
+        out[f"masks_{label}"] = plots.adarank_masks(merged, zoo.names, path(f"adarank_masks_{label.split('+')[0].lower()}"))
+    tracks = {r.label: r.adaptation["track"] for r in by_label.values() if r.adaptation}
+    if tracks:
+        out["adaptation"] = plots.adaptation(tracks, path("adaptation"), f"{suite}: adaptation on the unlabeled test inputs")
+    curves = {r.label: r.curves for r in by_label.values() if r.curves}
+    if curves:
+        out["lambda"] = plots.lambda_curves(curves, {k: by_label[k].chosen["scaling"] for k in curves},
+                                            {k: by_label[k].paper["scaling"] for k in curves}, path("lambda"),
+                                            f"{suite}: mean accuracy against λ")
+    out["cosine"] = plots.cosine({"τ = θ_t − θ₀": diag["cosine"], "centered τ̄ = θ_t − θ_avg": diag["cosine_centered"]},
+                                 zoo.names, path("cosine"), f"{suite}: cosine of task vectors")
+    out["spectra"] = plots.spectra({"τ = θ_t − θ₀": diag["spectra"], "centered τ̄ = θ_t − θ_avg": diag["spectra_centered"]},
+                                   path("spectra"), f"{suite}: singular-value spectra of the task vectors")
+    return out
+
+
+def _diagnostics(zoo: Zoo) -> dict[str, Any]:
+    return {"cosine": diagnostics.cosine(zoo), "cosine_centered": diagnostics.cosine(zoo, centered=True),
+            "spectra": diagnostics.spectra(zoo, SPECTRUM_FRACTIONS),
+            "spectra_centered": diagnostics.spectra(zoo, SPECTRUM_FRACTIONS, centered=True)}
+
+
+def _body(cfg: SuiteConfig, zoo: Zoo, results: list[T.Result], sweep, diag, rel: dict[str, str], extra: dict[str, Any],
+          built: str, rc: T.RunConfig) -> str:
+    s = extra["seconds"]
+    title = {"full": "full", "default": "reduced default"}.get(extra["preset"], extra["preset"])
+    body = [f"## Benchmark: {cfg.suite} suite ({title}, seed {cfg.seed})", "",
+            f"`{extra['command']}` — {extra['date']}; {machine_line()}.",
+            f"Wall time {s['total']:.0f} s (zoo {built}: {s['zoo']:.0f} s; methods {s['methods']:.0f} s), CPU time "
+            f"{s['cpu']:.0f} s; load average (1/5/15 min) {extra['load_average']['start']} at the start, "
+            f"{extra['load_average']['end']} at the end.", "",
+            "Accuracy (%) of the merged encoder with each task's frozen head on the test split (n per task in the "
+            "header). Per task: ± the larger side of the Wilson 95 % interval; mean: 95 % normal interval of a mean "
+            "of binomial proportions; normalized = merged / individual per task, averaged. λ grids are scored on "
+            "the labelled val split; adaptive rows adapt on the unlabeled test inputs (labels only for accuracy).", "",
+            accuracy_table(zoo, results), "", "**The papers' orderings** (paired differences on the same test "
+            "examples, percentage points [95 % CI]; `<` significant, `≈` within the interval, `>` reversed):", ""]
+    body += [f"- {line}" for line in ordering_lines(results)] + [""]
+    body += ["Normalized accuracy (%), merged / individual:", "", normalized_table(zoo, results), ""]
+    grid = grid_table(results)
+    if grid:
+        body += ["λ chosen on val beside the paper's default λ (both on test):", "", grid, ""]
+    adapt = adaptation_table(results)
+    if adapt:
+        body += [f"Adaptation (Adam (0.9, 0.999), batch {rc.tta_batch_size} per task, on every task's test inputs). "
+                 f"Plateau rule: tracked every {rc.track_every} steps on the first {rc.track_examples} test inputs of "
+                 f"each task; plateau at step s when the entropy fell by at most {rc.plateau_rel:g} × its decrease "
+                 f"since step 0 (+ {rc.plateau_tol:g} × its initial value) over the last {rc.plateau_window} steps; "
+                 f"{'adaptation stops there' if rc.stop_at_plateau else 'adaptation runs the whole budget'}. "
+                 "Rows marked **not reached** spent the budget without a plateau.", "", adapt, ""]
+    body += ["Diagnostics: cosine of the task vectors (flattened encoder) — τ = θ_t − θ₀:", "",
+             cosine_table(zoo.names, diag["cosine"]), "", "centered τ̄ = θ_t − θ_avg:", "",
+             cosine_table(zoo.names, diag["cosine_centered"]), "",
+             "Fraction of ‖τ‖² in the top 8 % of singular values (mean over Linear weights): "
+             + ", ".join(f"{k} {dict(v)[0.08]:.2f}" for k, v in diag["spectra"].items()) + "; centered: "
+             + ", ".join(f"{k} {dict(v)[0.08]:.2f}" for k, v in diag["spectra_centered"].items()) + ".", ""]
+    body += ["Zoo: every head fixed before fine-tuning and frozen; " f"{dataclasses.asdict(cfg.finetune)}:", "",
+             _zoo_table(zoo), ""]
+    if sweep:
+        body += ["CART rank sweep (λ = 1, mean test accuracy): " + ", ".join(f"γ={r:g}: {100 * a:.1f}" for r, a in sweep), ""]
+    body += [f"![{k}]({v})" for k, v in rel.items()]
+    return "\n".join(body)
 
 
 def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None, rebuild: bool = False,
               results_md: str | None = None, plots_dir: str | None = None, json_dir: str | None = None,
               command: str = "python -m benchmarks.accuracy", preset: str = "default") -> dict[str, Any]:
+    """Build (or reuse) the zoo, run every row, write JSON, plots and this suite's RESULTS.md section."""
     t0, c0 = time.time(), time.process_time()
     load_start = _load()
     zoo = build_zoo(cfg, cache_dir, rebuild=rebuild)
     t_zoo = time.time() - t0
     keep: dict[str, torch.nn.Module] = {}
     results = T.run_all(zoo, rc, keep=keep)
+    sweep = T.cart_rank_sweep(zoo, rc.cart_ranks) if rc.cart_ranks else []
+    diag = _diagnostics(zoo)
     t_methods = time.time() - t0 - t_zoo
-    sweep: list[tuple[float, float]] = []
-    plots: dict[str, str] = {}
-    try:
-        sweep = T.cart_rank_sweep(zoo, rc.cart_ranks)
-    except T.MissingMethod as e:
-        logger.warning("CART rank sweep: missing (%s)", e)
-    by_label = {r.label: r for r in results}
-    if plots_dir:
-        tag = f"{cfg.suite}-{preset}"
-        if sweep:
-            refs = {k: by_label[k].mean for k in ("Individual", "Weight Averaging", "Pretrained")
-                    if k in by_label and by_label[k].status == "ok"}
-            plots["cart_rank"] = plot_cart_rank(sweep, refs, os.path.join(plots_dir, f"cart_rank_{tag}.png"),
-                                                f"CART on the {cfg.suite} suite ({len(zoo.tasks)} tasks)")
-        for label in ("CART+AdaRank", "TA+AdaRank"):
-            if label in keep:
-                path = plot_adarank_masks(keep[label], zoo.names, os.path.join(
-                    plots_dir, f"adarank_masks_{label.split('+')[0].lower()}_{tag}.png"))
-                if path:
-                    plots[f"masks_{label}"] = path
+    tag = f"{cfg.suite}-{preset}" + (f"-seed{cfg.seed}" if cfg.seed else "")
+    plot_paths = _plots(zoo, results, sweep, diag, keep, plots_dir, tag) if plots_dir else {}
     keep.clear()
     total, cpu = time.time() - t0, time.process_time() - c0
     extra = {"command": command, "preset": preset, "seconds": {"zoo": round(t_zoo, 1), "methods": round(t_methods, 1),
                                                                  "total": round(total, 1), "cpu": round(cpu, 1)},
-             "zoo_rebuilt": zoo.rebuilt, "cart_rank_sweep": sweep, "plots": plots, "run_config": dataclasses.asdict(rc),
-             "machine": machine_line(), "load_average": {"start": load_start, "end": _load()},
+             "zoo_rebuilt": zoo.rebuilt, "cart_rank_sweep": sweep, "plots": plot_paths, "run_config": dataclasses.asdict(rc),
+             "machine": machine_line(), "load_average": {"start": load_start, "end": _load()}, "diagnostics": diag,
+             "orderings": ordering_lines(results),
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    obj = T.results_json(zoo, results, extra)
-    json_path = os.path.join(json_dir or zoo.directory, f"results-{cfg.suite}-{preset}.json")
-    os.makedirs(os.path.dirname(json_path), exist_ok=True)
-    T.write_json(obj, json_path)
-    table = T.markdown_table(zoo, results)
+    obj = {"suite": cfg.suite, "config": cfg.to_json(), "zoo": zoo.directory,
+           "tasks": {t.name: {"n_test": len(t.y["test"]), "classes": len(t.data.classes), "source": t.data.source,
+                              "individual": t.entry["accuracy"], "linear_probe": t.entry.get("linear_probe_accuracy")}
+                     for t in zoo.tasks},
+           "results": [r.to_json() for r in results], **extra}
+    json_path = os.path.join(json_dir or zoo.directory, f"results-{tag}.json")
+    atomic_write_json(json.loads(json.dumps(obj, default=float)), json_path)
     built = "built from scratch" if "pretrained" in zoo.rebuilt else (
         f"reused from the cache, {len(zoo.rebuilt)} entries rebuilt" if zoo.rebuilt else "reused from the cache")
     summary = (f"{cfg.suite}: zoo {built} in {t_zoo:.0f} s, methods {t_methods:.0f} s, total {total:.0f} s "
                f"(CPU time {cpu:.0f} s; load average {load_start} -> {_load()}); raw results: {json_path}")
     if results_md:
         md_dir = os.path.dirname(os.path.abspath(results_md))
-        rel = {k: os.path.relpath(os.path.abspath(v), md_dir) for k, v in plots.items()}
-        title = {"full": "full", "default": "reduced default"}.get(preset, preset)
-        body = [f"## Benchmark: {cfg.suite} suite ({title})", "",
-                f"`{command}` — {extra['date']}; {machine_line()}.",
-                f"Wall time {total:.0f} s (zoo {built}: {t_zoo:.0f} s; methods and plots {total - t_zoo:.0f} s), "
-                f"CPU time {cpu:.0f} s; "
-                f"load average (1/5/15 min) {load_start} at the start, {_load()} at the end — other processes "
-                "shared the cores when the load exceeds the core count.", "",
-                "Accuracy (%) of the merged encoder with each task's own fine-tuned head on the held-out test split "
-                "(n = test examples per task). λ grids are scored on the labelled val split; TTA uses the unlabeled "
-                "tta split. `missing` = the library has no such method yet.", "",
-                table, "", "Zoo: every model fine-tuned (encoder and head) from the same pretrained encoder, "
-                f"head initialised by {HEAD_INIT[cfg.finetune.head_init].format(shots=cfg.finetune.shots)}; "
-                f"{dataclasses.asdict(cfg.finetune)}. Test accuracy (%) of the pretrained encoder with the initial heads, and of "
-                "the fine-tuned models:", "", _zoo_table(zoo), ""]
-        if sweep:
-            body += ["CART rank sweep (λ = 1, mean test accuracy): " + ", ".join(f"γ={r:g}: {100 * a:.1f}" for r, a in sweep), ""]
-        for k, v in rel.items():
-            body.append(f"![{k}]({v})")
-        _section(results_md, f"{cfg.suite}-{preset}", "\n".join(body))
-    return {"zoo": zoo, "results": results, "table": table, "summary": summary, "json": json_path, "plots": plots}
+        rel = {k: os.path.relpath(os.path.abspath(v), md_dir) for k, v in plot_paths.items()}
+        write_section(results_md, tag, _body(cfg, zoo, results, sweep, diag, rel, extra, built, rc))
+    return {"zoo": zoo, "results": results, "table": accuracy_table(zoo, results), "orderings": ordering_lines(results),
+            "summary": summary, "json": json_path, "plots": plot_paths}
+
+
+# --------------------------------------------------------------------------- seeds
+def seeds_table(per_seed: dict[int, list[T.Result]]) -> str:
+    """Each method's mean test accuracy (and normalized mean) over seeds: mean ± sample std [min, max]."""
+    seeds = sorted(per_seed)
+    labels = [r.label for r in per_seed[seeds[0]]]
+    lines = [f"| method | mean accuracy over {len(seeds)} seeds: mean ± std [min, max] | normalized mean ± std | "
+             + " | ".join(f"seed {s}" for s in seeds) + " |", "| --- | ---: | ---: | " + " | ".join("---:" for _ in seeds) + " |"]
+    for label in labels:
+        rows = {s: next((r for r in per_seed[s] if r.label == label), None) for s in seeds}
+        means = [r.mean if r and r.status == "ok" else float("nan") for r in rows.values()]
+        norms = []
+        for s, r in rows.items():
+            n = normalized(r, _individual(per_seed[s])) if r else {}
+            norms.append(sum(n.values()) / len(n) if n else float("nan"))
+        m, nm = stats.spread(means), stats.spread(norms)
+        lines.append(f"| {label} | **{_pct(m['mean'])}** ± {_pct(m['std'])} [{_pct(m['min'])}, {_pct(m['max'])}] | "
+                     f"{_pct(nm['mean'])} ± {_pct(nm['std'])} | " + " | ".join(_pct(x) for x in means) + " |")
+    return "\n".join(lines)
+
+
+def run_seeds(cfg: SuiteConfig, rc: T.RunConfig, seeds: Sequence[int], *, plots_dir: str | None = None,
+              results_md: str | None = None, preset: str = "default", **kw: Any) -> dict[str, Any]:
+    """One zoo per seed (data splits, fine-tuning and adaptation seeded alike); the spread of every row's mean."""
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"seeds: need distinct seeds, got {list(seeds)}")
+    outs, per_seed = {}, {}
+    for s in seeds:
+        outs[s] = run_suite(dataclasses.replace(cfg, seed=s), dataclasses.replace(rc, seed=s), plots_dir=plots_dir,
+                            results_md=results_md, preset=preset, **kw)
+        per_seed[s] = outs[s]["results"]
+    table = seeds_table(per_seed)
+    tag = f"{cfg.suite}-{preset}-seeds"
+    plot = None
+    if plots_dir:
+        labels = [r.label for r in per_seed[seeds[0]]]
+        means = {lab: [next((r.mean for r in per_seed[s] if r.label == lab), float("nan")) for s in seeds] for lab in labels}
+        plot = plots.seeds(means, os.path.join(plots_dir, f"seeds_{tag}.png"), f"{cfg.suite}: every method over seeds {list(seeds)}")
+    if results_md:
+        body = [f"## Benchmark: {cfg.suite} suite over seeds {list(seeds)}", "",
+                "One zoo per seed (its own data split, fine-tuning and adaptation seed); the spread is over seeds "
+                "of each method's mean test accuracy (%).", "", table, ""]
+        if plot:
+            body.append(f"![seeds]({os.path.relpath(os.path.abspath(plot), os.path.dirname(os.path.abspath(results_md)))})")
+        write_section(results_md, tag, "\n".join(body))
+    return {"per_seed": outs, "table": table, "plot": plot}

@@ -1,48 +1,52 @@
-"""Run every merging method on a zoo and produce the accuracy table.
+"""Run every merging method on a zoo: the rows of the accuracy table, with their evidence.
 
-Protocol (the papers'): the merged *encoder* is evaluated with each task's own fine-tuned head,
-which stays fixed. Rows:
+Protocol (the papers'): each task's head is fixed before fine-tuning and stays frozen, so every task
+vector lives in the encoder; the merged *encoder* is evaluated with each task's frozen head. Rows:
 
-* **Pretrained**: the pretrained encoder with each task's fine-tuned head (the λ = 0 end of every
-  merge; the papers' zero-shot row). The linear-probe accuracy on the frozen pretrained encoder is
-  recorded in the zoo manifest too.
-* **Individual**: each task's own fine-tuned encoder (the upper reference).
-* the merging methods, looked up by registry name at run time. A name the library does not know
-  (``mergemodules.UnknownMethodError``) or a missing TTA loop shows as ``missing``: never a number.
+* **Pretrained**: the pretrained encoder with each task's head (the λ = 0 end of every merge).
+* **Individual**: each task's own fine-tuned encoder (the upper reference; normalized accuracy is
+  merged / individual, per task).
+* the merging methods, by registry name (an unknown name is the library's ``UnknownMethodError``).
 
-Hyperparameters as the papers choose them: a λ grid scored by mean accuracy on the held-out
-labelled ``val`` split where the paper grids (TA, TIES, CART, AWD-TA); the paper's fixed values
-elsewhere (TSV-M α = 1; AdaMerging/CART++/AdaRank: Adam, λ init from the paper, entropy on the
-unlabeled ``tta`` split, batch 16). Test accuracy is computed once, after every choice is made.
+Choices as the papers make them: a λ grid scored by mean accuracy on the labelled ``val`` split
+(TA, TIES, CART, AWD-TA), with the paper's default λ evaluated beside the grid's choice; the
+paper's fixed values elsewhere. Adaptive rows (AdaMerging, CART++, AdaRank, AWD-AdaMerging) are
+**transductive**: they minimise the entropy on the unlabeled inputs of every task's ``test`` split
+(labels are used only for accuracy), Adam (0.9, 0.999), batch 16 per task, until the entropy on a
+fixed tracked subset has plateaued (:func:`stats.plateau_step`) or the step budget is spent.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
+import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
-from .zoo import Zoo, accuracy, atomic_write_json
+from mergemodules.methods.awd import ALPHA_GRID as AWD_ALPHA_GRID
+from mergemodules.methods.awd import SCALING_GRID as AWD_SCALING_GRID
+
+from . import stats
+from .zoo import Zoo, _progress, encode
 
 logger = logging.getLogger(__name__)
 
 # the papers' grids
 TA_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # Task Arithmetic, CART (papers/000 §C)
 TIES_GRID = (0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8)
-AWD_SCALING_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # papers/003 §7.3
-AWD_ALPHA_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 CART_RANKS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
+    """One row of the table: a reference or a registered method and how its hyperparameters are chosen."""
+
     label: str
     method: str | None  # registry name; None for the references
     grid: tuple[float, ...] = ()  # λ grid scored on val (empty: the paper's fixed value)
@@ -68,15 +72,28 @@ ROWS: tuple[Row, ...] = (
     Row("AWD-AdaMerging", "awd_adamerging", tta=True),
 )
 
+#: the papers' orderings (item 8 of issue #12): checked on every suite with paired intervals
+STATIC_ORDER = ("Weight Averaging", "Task Arithmetic", "TIES", "CART")
+ADAPTIVE_ORDER = ("AdaMerging (layer-wise)", "CART++", "CART+AdaRank")
 
 KEEP_FOR_PLOTS = ("TA+AdaRank", "CART+AdaRank")  # merged models handed back for the mask plot (memory)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    tta_steps: int = 40
-    tta_lr: float = 1e-3
-    tta_batch_size: int = 16
+    """How the rows are run: adaptation budget and plateau rule, grids, AWD, the CART rank sweep."""
+
+    tta_steps: int = 500  # step budget (AdaMerging's 500 iterations); adaptation stops earlier on a plateau
+    tta_lr: float = 1e-3  # AdaMerging / AdaRank (vision)
+    adarank_lr: float | None = None  # AdaRank rows' rate (None: tta_lr; the AdaRank paper uses 5e-5 for language)
+    tta_batch_size: int = 16  # per task
+    track_every: int = 25  # entropy and accuracy on the tracked subset every k steps
+    track_examples: int = 128  # tracked subset: the first n test inputs of each task
+    plateau_window: int = 100  # plateau: the last W steps gave ≤ plateau_rel of the decrease so far
+    plateau_rel: float = 0.05
+    plateau_tol: float = 1e-3  # ... plus this fraction of the initial entropy (numerical floor)
+    stop_at_plateau: bool = True
+    grid_on_test: bool = False  # also score every grid λ on test (the diagnostic λ curves; never used to choose)
     awd_steps: int = 200
     awd_alphas: tuple[float, ...] = (1e-4,)
     cart_ranks: tuple[float, ...] = (0.02, 0.04, 0.08, 0.16, 0.32, 1.0)
@@ -84,62 +101,91 @@ class RunConfig:
     rows: tuple[str, ...] | None = None  # subset of row labels (None: all)
     grid: tuple[float, ...] | None = None  # replaces every λ grid (tests, quick looks); None: the papers' grids
 
+    def __post_init__(self) -> None:
+        for name in ("tta_steps", "tta_batch_size", "track_every", "track_examples", "plateau_window", "awd_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"RunConfig.{name} must be a positive integer, got {value!r}")
+        if self.plateau_window % self.track_every:
+            raise ValueError(f"RunConfig.plateau_window ({self.plateau_window}) must be a multiple of "
+                             f"track_every ({self.track_every})")
+        if self.rows is not None:
+            unknown = sorted(set(self.rows) - {r.label for r in ROWS})
+            if unknown:
+                raise ValueError(f"RunConfig.rows: unknown row(s) {unknown}; rows: {[r.label for r in ROWS]}")
+
 
 @dataclasses.dataclass
 class Result:
+    """One row's outcome: test accuracy per task (and per example), the choices made and their evidence."""
+
     label: str
     method: str | None
-    status: str  # "ok" | "missing" | "diverged"
+    status: str  # "ok" | "diverged"
     test: dict[str, float] = dataclasses.field(default_factory=dict)
+    correct: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)  # per test example
     val: dict[str, float] = dataclasses.field(default_factory=dict)
     chosen: dict[str, Any] = dataclasses.field(default_factory=dict)
+    paper: dict[str, Any] = dataclasses.field(default_factory=dict)  # the paper's default λ: val/test accuracy
+    curves: dict[str, list[tuple[float, float]]] = dataclasses.field(default_factory=dict)  # λ → mean (val/test)
+    adaptation: dict[str, Any] = dataclasses.field(default_factory=dict)
     note: str = ""
     seconds: float = 0.0
 
     @property
     def mean(self) -> float:
+        """Mean test accuracy over tasks (NaN when the row has none)."""
         return sum(self.test.values()) / len(self.test) if self.test else float("nan")
 
+    def ci(self) -> tuple[float, float, float]:
+        """(mean, low, high): the 95 % interval of the mean over tasks (see :mod:`stats`)."""
+        return stats.mean_ci(self.correct) if self.correct else (float("nan"),) * 3
 
-class MissingMethod(Exception):
-    """The library has no such method (or no TTA loop) yet."""
-
-
-def _library():
-    import mergemodules
-
-    return mergemodules
-
-
-def _unknown_method_error() -> type[BaseException]:
-    try:
-        from mergemodules import UnknownMethodError
-    except ImportError:  # older core: nothing is registered yet
-        return type("_NeverRaised", (Exception,), {})
-    return UnknownMethodError
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the per-example vectors, plus the mean, its interval and per-task Wilson intervals."""
+        d = dataclasses.asdict(self)
+        d.pop("correct")
+        mean, lo, hi = self.ci()
+        d.update(mean=mean, mean_ci=[lo, hi], n_test={k: len(v) for k, v in self.correct.items()},
+                 test_ci={k: stats.wilson(int(v.sum()), len(v)) for k, v in self.correct.items()})
+        return d
 
 
-def _merge(zoo: Zoo, method: str, **options: Any) -> nn.Module:
-    mm = _library()
-    merge = getattr(mm, "merge", None)
-    if merge is None:
-        raise MissingMethod("mergemodules.merge does not exist")
-    try:
-        return merge(zoo.pretrained, [t.encoder for t in zoo.tasks], method, **options)
-    except _unknown_method_error() as e:
-        raise MissingMethod(str(e)) from None
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(zoo: Zoo, encoder: nn.Module | Mapping[str, nn.Module], split: str,
+            limit: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per task: per-example correctness and entropy of the frozen head on ``split`` (first ``limit`` examples).
+
+    ``encoder`` is one encoder for every task or a mapping task name → its encoder.
+    """
+    out = {}
+    for t in zoo.tasks:
+        x, y = t.x[split][:limit], t.y[split][:limit]
+        enc = encoder[t.name] if isinstance(encoder, Mapping) else encoder
+        logits = t.head(encode(enc, x, zoo.config.eval_batch_size)).float()
+        log_p = torch.log_softmax(logits, -1)
+        out[t.name] = {"correct": (logits.argmax(-1) == y).numpy(),
+                       "entropy": (-(log_p.exp() * log_p).sum(-1)).numpy()}
+    return out
 
 
-def _evaluate(zoo: Zoo, encoder: nn.Module, split: str, batch_size: int) -> dict[str, float]:
-    return {t.name: accuracy(encoder, t.head, t.x[split], t.y[split], batch_size) for t in zoo.tasks}
+def _accuracies(pred: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
+    return {k: float(v["correct"].mean()) for k, v in pred.items()}
+
+
+def _entropies(pred: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
+    return {k: float(v["entropy"].mean()) for k, v in pred.items()}
 
 
 def _mean(d: dict[str, float]) -> float:
     return sum(d.values()) / len(d)
 
 
-def _fused(merged: nn.Module) -> nn.Module:
-    return merged.fuse() if hasattr(merged, "fuse") else merged
+def _merge(zoo: Zoo, method: str, **options: Any) -> nn.Module:
+    import mergemodules
+
+    return mergemodules.merge(zoo.pretrained, [t.encoder for t in zoo.tasks], method, **options)
 
 
 def _set_scaling(merged: nn.Module, value: float) -> None:
@@ -148,91 +194,167 @@ def _set_scaling(merged: nn.Module, value: float) -> None:
             p.fill_(value)
 
 
-def _grid(zoo: Zoo, merged: nn.Module, grid: tuple[float, ...], bs: int, desc: str) -> tuple[float, dict[str, float], list]:
-    """Choose λ on the val split (mean accuracy; ties go to the smaller λ)."""
-    from .zoo import _progress
+def _paper_scaling(method: str) -> float:
+    import mergemodules
 
-    scores = []
-    for lam in _progress(grid, desc=desc):
+    return float(mergemodules.get_method(method).scaling)
+
+
+def _grid(zoo: Zoo, merged: nn.Module, row: Row, grid: tuple[float, ...], rc: RunConfig) -> dict[str, Any]:
+    """Score λ on val (ties to the smaller λ); the paper's λ and, if asked, every λ on test beside it."""
+    paper = _paper_scaling(row.method)
+    scores, test_curve, paper_val = [], [], None
+    for lam in _progress(grid, desc=f"{row.label}: λ grid"):
         _set_scaling(merged, lam)
-        val = _evaluate(zoo, _fused(merged), "val", bs)
+        fused = merged.fuse()
+        val = _accuracies(predict(zoo, fused, "val"))
         scores.append((lam, _mean(val), val))
+        if lam == paper:
+            paper_val = val
+        if rc.grid_on_test:
+            test_curve.append((lam, _mean(_accuracies(predict(zoo, fused, "test")))))
     best = max(scores, key=lambda s: (s[1], -s[0]))
+    _set_scaling(merged, paper)
+    fused = merged.fuse()
+    if paper_val is None:
+        paper_val = _accuracies(predict(zoo, fused, "val"))
+    paper_test = _accuracies(predict(zoo, fused, "test"))
     _set_scaling(merged, best[0])
-    return best[0], best[2], [(lam, round(m, 4)) for lam, m, _ in scores]
+    return {"scaling": best[0], "val": best[2], "curves": {"val": [(lam, m) for lam, m, _ in scores], "test": test_curve},
+            "paper": {"scaling": paper, "val_mean": _mean(paper_val), "test": paper_test, "test_mean": _mean(paper_test)}}
 
 
-def _adapt(zoo: Zoo, merged: nn.Module, rc: RunConfig) -> dict[str, Any]:
-    try:
-        from mergemodules.tta import Task as TTATask
-        from mergemodules.tta import adapt
-    except ImportError as e:
-        raise MissingMethod(f"no test-time adaptation loop ({e})") from None
-    tasks = {}
-    for t in zoo.tasks:
-        x = t.x["tta"]
-        tasks[t.name] = TTATask(data=[x[i: i + rc.tta_batch_size] for i in range(0, len(x), rc.tta_batch_size)],
-                                head=t.head)
+# --------------------------------------------------------------------------- adaptation
+def _coefs(merged: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for n, p in merged.named_parameters() if n.endswith("coef")])
+
+
+def _lambda_stats(values: torch.Tensor) -> dict[str, float]:
+    return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()), "n": int(values.numel())}
+
+
+def _masks(merged: nn.Module) -> dict[str, torch.Tensor]:
+    from mergemodules import hard_masks
+
+    has_masks = any(n.endswith("mask_logits") for n, _ in merged.named_parameters())
+    return {k: v.clone() for k, v in hard_masks(merged).items()} if has_masks else {}
+
+
+def _mask_flips(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, int]:
+    if not before:
+        return {}
+    on = sum(int((~b & after[k]).sum()) for k, b in before.items())
+    off = sum(int((b & ~after[k]).sum()) for k, b in before.items())
+    return {"on_to_off": off, "off_to_on": on, "kept_before": sum(int(b.sum()) for b in before.values()),
+            "kept_after": sum(int(a.sum()) for a in after.values()), "total": sum(b.numel() for b in before.values())}
+
+
+def _track(zoo: Zoo, merged: nn.Module, rc: RunConfig, step: int) -> dict[str, Any]:
+    pred = predict(zoo, merged.fuse(), "test", rc.track_examples)
+    ent, acc = _entropies(pred), _accuracies(pred)
+    return {"step": step, "entropy": sum(ent.values()), "accuracy": _mean(acc), "tasks": {"entropy": ent, "accuracy": acc}}
+
+
+def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Entropy minimisation on every task's unlabeled test inputs, tracked every k steps until a plateau."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mergemodules import Task, adapt
+
+    from .models import PAD_ID
+
+    lr = rc.adarank_lr if (rc.adarank_lr is not None and "adarank" in row.method) else rc.tta_lr
+    tasks = {t.name: Task(DataLoader(TensorDataset(t.x["test"]), batch_size=rc.tta_batch_size, shuffle=True), t.head)
+             for t in zoo.tasks}
+    coef0, masks0 = _coefs(merged), _masks(merged)
+    track = [_track(zoo, merged, rc, 0)]
     quiet = os.environ.get("MERGEMODULES_BENCH_QUIET") == "1"
-    history = adapt(merged, tasks, steps=rc.tta_steps, lr=rc.tta_lr, seed=rc.seed, progress=not quiet)
-    first, last = history[0] if history else {}, history[-1] if history else {}
-    return {"steps": rc.tta_steps, "lr": rc.tta_lr, "batch_size": rc.tta_batch_size,
-            "entropy_first": round(first.get("loss", float("nan")), 4),
-            "entropy_last": round(last.get("loss", float("nan")), 4)}
+    step, plateau, history = 0, None, []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "adapt.pt")
+        while step < rc.tta_steps:
+            step = min(step + rc.track_every, rc.tta_steps)
+            history = adapt(merged, tasks, steps=step, lr=lr, seed=rc.seed, checkpoint=ckpt, resume=step > rc.track_every,
+                            progress=not quiet, pad_id=PAD_ID)
+            track.append(_track(zoo, merged, rc, step))
+            if step % rc.plateau_window == 0 and plateau is None:
+                plateau = stats.plateau_step([(r["step"], r["entropy"]) for r in track], rc.plateau_window,
+                                             rc.plateau_rel, rc.plateau_tol)
+                if plateau is not None and rc.stop_at_plateau:
+                    break
+    coef1 = _coefs(merged)
+    return {"steps": step, "budget": rc.tta_steps, "lr": lr, "batch_size": rc.tta_batch_size, "converged": plateau is not None,
+            "plateau_step": plateau, "rule": {"window": rc.plateau_window, "rel": rc.plateau_rel, "tol": rc.plateau_tol,
+                                              "every": rc.track_every, "tracked": rc.track_examples},
+            "entropy_before": _entropies(start), "accuracy_before": _accuracies(start), "track": track,
+            "batch_loss": [round(float(h["loss"]), 5) for h in history if "loss" in h],
+            "lambda_before": _lambda_stats(coef0), "lambda_after": _lambda_stats(coef1),
+            "lambda_change": {"mean_abs": float((coef1 - coef0).abs().mean()), "max_abs": float((coef1 - coef0).abs().max())},
+            "mask_flips": _mask_flips(masks0, _masks(merged))}
+
+
+# --------------------------------------------------------------------------- rows
+def _set_test(res: Result, pred: dict[str, dict[str, np.ndarray]]) -> None:
+    res.correct = {k: v["correct"] for k, v in pred.items()}
+    res.test = _accuracies(pred)
+
+
+def _options(row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]], res: Result) -> dict[str, Any]:
+    options = dict(row.options)
+    if row.init_from:
+        if "scaling" not in chosen.get(row.init_from, {}):
+            raise ValueError(f"{row.label}: its initial λ comes from the {row.init_from} row; run that row too")
+        options["scaling"] = chosen[row.init_from]["scaling"]
+        res.chosen["scaling_init"] = options["scaling"]
+    if row.method.startswith("awd"):
+        options["steps"] = rc.awd_steps
+    return options
 
 
 def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]],
             keep: dict[str, nn.Module] | None = None) -> Result:
-    bs = zoo.config.eval_batch_size
+    """Run one row: merge, choose (grid on val / paper value / adaptation), evaluate on test."""
     t0 = time.time()
     res = Result(row.label, row.method, "ok")
     try:
         if row.label == "Pretrained":
-            res.test = _evaluate(zoo, zoo.pretrained, "test", bs)
+            _set_test(res, predict(zoo, zoo.pretrained, "test"))
         elif row.label == "Individual":
-            res.test = {t.name: accuracy(t.encoder, t.head, t.x["test"], t.y["test"], bs) for t in zoo.tasks}
+            _set_test(res, predict(zoo, {t.name: t.encoder for t in zoo.tasks}, "test"))
         else:
-            options = dict(row.options)
-            if row.init_from and "scaling" in chosen.get(row.init_from, {}):
-                options["scaling"] = chosen[row.init_from]["scaling"]
-                res.chosen["scaling_init"] = options["scaling"]
-            alphas: tuple[float | None, ...] = (None,)
-            if row.method and row.method.startswith("awd"):
-                alphas = rc.awd_alphas if row.grid else (chosen.get("AWD-TA", {}).get("alpha", rc.awd_alphas[0]),)
-                options["steps"] = rc.awd_steps
+            options = _options(row, rc, chosen, res)
             grid = (rc.grid if rc.grid is not None else row.grid) if row.grid else ()
-            best: tuple[float, Any, Any] | None = None
+            alphas: tuple[float | None, ...] = (None,)
+            if row.method.startswith("awd"):
+                alphas = rc.awd_alphas if grid else (chosen.get("AWD-TA", {}).get("alpha", rc.awd_alphas[0]),)
+            best: tuple[float, nn.Module, dict[str, Any]] | None = None
             for alpha in alphas:
-                opts = dict(options)
-                if alpha is not None:
-                    opts["alpha"] = alpha
+                opts = dict(options) | ({"alpha": alpha} if alpha is not None else {})
                 merged = _merge(zoo, row.method, **opts)
+                info: dict[str, Any] = {"alpha": alpha} if alpha is not None else {}
                 if grid:
-                    lam, val, scores = _grid(zoo, merged, grid, bs, desc=f"{row.label}: λ grid")
-                    info = {"scaling": lam, "grid": scores}
-                    if alpha is not None:
-                        info["alpha"] = alpha
-                    if best is None or _mean(val) > _mean(best[1]):
-                        best = (lam, val, (merged, info))
+                    info.update(_grid(zoo, merged, row, grid, rc))
+                    score = _mean(info["val"])
                 else:
-                    info = {"alpha": alpha} if alpha is not None else {}
+                    score = 0.0
                     if row.tta:
-                        info.update(_adapt(zoo, merged, rc))
-                    best = (float("nan"), {}, (merged, info))
+                        start = predict(zoo, merged.fuse(), "test")
+                        info["adaptation"] = _adapt(zoo, merged, row, rc, start)
+                if best is None or score > best[0]:
+                    best = (score, merged, info)
             assert best is not None
-            merged, info = best[2]
+            _, merged, info = best
+            res.val, res.paper, res.curves = info.pop("val", {}), info.pop("paper", {}), info.pop("curves", {})
+            res.adaptation = info.pop("adaptation", {})
             res.chosen.update(info)
-            if best[1]:
-                res.val = best[1]
-            fused = _fused(merged)
-            res.test = _evaluate(zoo, fused, "test", bs)
+            pred = predict(zoo, merged.fuse(), "test")
+            _set_test(res, pred)
+            if res.adaptation:
+                res.adaptation["entropy_after"] = _entropies(pred)
             if keep is not None and row.label in KEEP_FOR_PLOTS:
                 keep[row.label] = merged
-    except MissingMethod as e:
-        res.status, res.note = "missing", str(e)
-        logger.warning("%s: missing (%s)", row.label, e)
     except FloatingPointError as e:  # TTA diverged: report it, never a number
-        res.status, res.note, res.test = "diverged", str(e), {}
+        res.status, res.note, res.test, res.correct = "diverged", str(e), {}, {}
         logger.error("%s: diverged (%s)", row.label, e)
     res.seconds = round(time.time() - t0, 1)
     if res.status == "ok":
@@ -242,10 +364,12 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
 
 def run_all(zoo: Zoo, rc: RunConfig, keep: dict[str, nn.Module] | None = None,
             on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """Every row of :data:`ROWS` (or ``rc.rows`` and the rows their initial λ comes from) in order."""
+    wanted = None if rc.rows is None else set(rc.rows) | {r.init_from for r in ROWS if r.label in rc.rows and r.init_from}
     chosen: dict[str, dict[str, Any]] = {}
     results = []
     for row in ROWS:
-        if rc.rows is not None and row.label not in rc.rows:
+        if wanted is not None and row.label not in wanted:
             continue
         r = run_row(zoo, row, rc, chosen, keep)
         chosen[row.label] = r.chosen
@@ -257,58 +381,9 @@ def run_all(zoo: Zoo, rc: RunConfig, keep: dict[str, nn.Module] | None = None,
 
 def cart_rank_sweep(zoo: Zoo, ranks: tuple[float, ...], split: str = "test") -> list[tuple[float, float]]:
     """CART (λ = 1, the paper's value) mean accuracy against the kept rank fraction γ."""
-    from .zoo import _progress
-
     out = []
     for r in _progress(ranks, desc="CART rank sweep"):
         merged = _merge(zoo, "cart", rank=r, scaling=1.0)
-        out.append((r, _mean(_evaluate(zoo, _fused(merged), split, zoo.config.eval_batch_size))))
+        out.append((r, _mean(_accuracies(predict(zoo, merged.fuse(), split)))))
         logger.info("CART rank %.2f: mean %s accuracy %.4f", r, split, out[-1][1])
     return out
-
-
-# --------------------------------------------------------------------------- output
-def _fmt(x: float) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
-
-def _chosen_str(r: Result) -> str:
-    c = {k: v for k, v in r.chosen.items() if k not in ("grid",)}
-    if not c:
-        return ""
-    parts = []
-    for k, v in c.items():
-        parts.append(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
-    return ", ".join(parts)
-
-
-def markdown_table(zoo: Zoo, results: list[Result]) -> str:
-    names = zoo.names
-    n = {t.name: len(t.y["test"]) for t in zoo.tasks}
-    head = "| method | " + " | ".join(f"{m} (n={n[m]})" for m in names) + " | mean | chosen on val / settings |"
-    sep = "| --- | " + " | ".join("---:" for _ in names) + " | ---: | --- |"
-    lines = [head, sep]
-    for r in results:
-        if r.status != "ok":
-            cells = [r.status] * len(names) + [r.status]
-            note = r.note.split(";")[0][:80]
-            lines.append(f"| {r.label} | " + " | ".join(cells) + f" | {note} |")
-        else:
-            cells = [_fmt(r.test.get(m, float("nan"))) for m in names] + [f"**{_fmt(r.mean)}**"]
-            lines.append(f"| {r.label} | " + " | ".join(cells) + f" | {_chosen_str(r)} |")
-    return "\n".join(lines)
-
-
-def results_json(zoo: Zoo, results: list[Result], extra: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "suite": zoo.config.suite, "config": zoo.config.to_json(), "zoo": zoo.directory,
-        "tasks": {t.name: {"n_test": len(t.y["test"]), "classes": len(t.data.classes), "source": t.data.source,
-                           "individual": t.entry["accuracy"], "linear_probe": t.entry.get("linear_probe_accuracy")}
-                  for t in zoo.tasks},
-        "results": [dataclasses.asdict(r) | {"mean": r.mean} for r in results],
-        **extra,
-    }
-
-
-def write_json(obj: dict[str, Any], path: str) -> None:
-    atomic_write_json(json.loads(json.dumps(obj, default=float)), path)

@@ -91,19 +91,22 @@ def test_every_method_runs_on_the_tiny_text_zoo(text_zoo):
     results = T.run_all(text_zoo, rc)
     assert [r.label for r in results] == [r.label for r in T.ROWS]
     for r in results:
-        assert r.status in ("ok", "missing"), r
-        if r.status == "ok":
-            assert set(r.test) == set(TEXT_TASKS) and all(0.0 <= v <= 1.0 for v in r.test.values())
-    table = T.markdown_table(text_zoo, results)
+        assert r.status == "ok", r
+        assert set(r.test) == set(TEXT_TASKS) and all(0.0 <= v <= 1.0 for v in r.test.values())
+        assert {k: float(v.mean()) for k, v in r.correct.items()} == r.test
+    from benchmarks.accuracy.report import accuracy_table
+
+    table = accuracy_table(text_zoo, results)
     assert "| Task Arithmetic |" in table and "(n=48)" in table
     ranks = T.cart_rank_sweep(text_zoo, (0.1, 1.0))
     assert [r for r, _ in ranks] == [0.1, 1.0]
 
 
-def test_unknown_method_shows_as_missing(text_zoo):
-    res = T.run_row(text_zoo, T.Row("Nonexistent", "no_such_method_xyz"), T.RunConfig(), {})
-    assert res.status == "missing" and not res.test
-    assert "missing" in T.markdown_table(text_zoo, [res])
+def test_unknown_method_is_the_library_error(text_zoo):
+    from mergemodules import UnknownMethodError
+
+    with pytest.raises(UnknownMethodError, match="no_such_method_xyz"):
+        T.run_row(text_zoo, T.Row("Nonexistent", "no_such_method_xyz"), T.RunConfig(), {})
 
 
 def test_tiny_vision_zoo_and_a_merge(tmp_path):
@@ -119,7 +122,7 @@ def test_run_suite_writes_table_section_plots_and_keeps_other_sections(text_zoo,
 
     md = tmp_path / "RESULTS.md"
     md.write_text("# Results\n\n## Someone else's section\nkeep me\n")
-    rc = T.RunConfig(tta_steps=2, awd_steps=2, grid=(0.5,), cart_ranks=(0.2, 1.0),
+    rc = T.RunConfig(tta_steps=2, awd_steps=2, grid=(0.5,), cart_ranks=(0.2, 1.0), track_examples=8,
                      rows=("Pretrained", "Individual", "Task Arithmetic", "CART+AdaRank"))
     cache = os.path.dirname(text_zoo.directory)
     for _ in range(2):  # the second run replaces its own section
@@ -128,7 +131,9 @@ def test_run_suite_writes_table_section_plots_and_keeps_other_sections(text_zoo,
     text = md.read_text()
     assert "keep me" in text and text.count("BEGIN -->") == 1 and "| Task Arithmetic |" in text
     assert os.path.isfile(out["plots"]["cart_rank"]) and os.path.isfile(out["json"])
-    assert "masks_CART+AdaRank" in out["plots"]
+    assert {"masks_CART+AdaRank", "adaptation", "lambda", "cosine", "spectra"} <= set(out["plots"])
+    assert all(os.path.getsize(p) > 1000 for p in out["plots"].values())
+    assert "CART+AdaRank" in text and "not run: Weight Averaging, TIES" in text
 
 
 def test_cli_help_and_presets(capsys):
