@@ -89,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.time()
     for suite in suites:
-        cfg, rc = plugins.SUITES[suite](args.full) if suite in plugins.SUITES else presets.get(suite, full=args.full)
         preset = "full" if args.full else "default"
+        if suite in plugins.SUITES:
+            cfg, rc = plugins.SUITES[suite](args.full)
+            preset = f"{suite}-{preset}"  # its own RESULTS section and files, never a built-in suite's
+        else:
+            cfg, rc = presets.get(suite, full=args.full)
         if args.methods:
             rc = presets.replace(rc, rows=tuple(m.strip() for m in args.methods.split(",")))
             preset += "-subset"

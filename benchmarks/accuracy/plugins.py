@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 from . import data as bdata
 
@@ -61,6 +61,12 @@ def register_task(name: str, loader: Callable[[bdata.Sizes, int], bdata.TaskData
         return td
 
     bdata.ALL_TASKS[name] = checked
+
+
+def task_from_items(name: str, kind: str, source: str, items: Sequence[tuple[object, int]], classes: list[str],
+                    sizes: bdata.Sizes, seed: int) -> bdata.TaskData:
+    """A task from (input, label index) pairs: the benchmark's seeded, class-balanced train/val/tta/test split."""
+    return bdata._from_items(name, kind, source, list(items), classes, sizes, seed)
 
 
 def register_suite(name: str, get: Callable[[bool], tuple]) -> None:

@@ -5,46 +5,11 @@ import json
 import os
 
 import pytest
-import torch
 
 from benchmarks.accuracy import data as D
-from benchmarks.accuracy import models as M
 from benchmarks.accuracy import table as T
 from benchmarks.accuracy import zoo as Z
-
-os.environ.setdefault("MERGEMODULES_BENCH_QUIET", "1")
-
-# Text data comes from Debian packages that .ci/install-data.sh installs; vision data from PyPI packages.
-TEXT_TASKS = ("fortune_lang", "foldoc")
-
-
-def _text_available() -> bool:
-    try:
-        for name in TEXT_TASKS:
-            D.load_task(name, D.Sizes(8, 4, 4, 8), 0)
-    except D.DataUnavailable:
-        return False
-    return True
-
-
-def tiny_text_config(**kw) -> Z.SuiteConfig:
-    return Z.SuiteConfig("text", TEXT_TASKS, D.Sizes(48, 24, 16, 48), Z.FinetuneHP(6, 16, 2e-3, head_init="zeroshot"), max_len=24,
-                         text_model=M.TextModelSpec("tiny", hidden=16, layers=1, heads=2), **kw)
-
-
-def tiny_vision_config() -> Z.SuiteConfig:
-    return Z.SuiteConfig("vision", ("digits", "mnist"), D.Sizes(48, 24, 16, 48),
-                         Z.FinetuneHP(6, 16, 2e-3, head_init="prototype", shots=3),
-                         vision_model=M.VisionModelSpec(width=16, layers=1, heads=2, output_dim=16),
-                         pretrain=Z.PretrainHP(examples=64, steps=3, batch_size=16))
-
-
-@pytest.fixture(scope="module")
-def text_zoo(tmp_path_factory):
-    if not _text_available():
-        pytest.skip("Debian text data not installed (run .ci/install-data.sh)")
-    cache = tmp_path_factory.mktemp("zoo")
-    return Z.build_zoo(tiny_text_config(), str(cache))
+from tiny import TEXT_TASKS, tiny_text_config  # tests/bench/tiny.py
 
 
 def test_splits_are_disjoint_and_deterministic():
@@ -109,14 +74,6 @@ def test_unknown_method_is_the_library_error(text_zoo):
         T.run_row(text_zoo, T.Row("Nonexistent", "no_such_method_xyz"), T.RunConfig(), {})
 
 
-def test_tiny_vision_zoo_and_a_merge(tmp_path):
-    zoo = Z.build_zoo(tiny_vision_config(), str(tmp_path))
-    assert zoo.rebuilt[0] == "pretrained"
-    assert isinstance(zoo.pretrained.vit.transformer.resblocks[0].attn, torch.nn.MultiheadAttention)
-    res = T.run_row(zoo, T.Row("Task Arithmetic", "task_arithmetic", grid=(0.3, 1.0)), T.RunConfig(), {})
-    assert res.status == "ok" and res.chosen["scaling"] in (0.3, 1.0)
-
-
 def test_run_suite_writes_table_section_plots_and_keeps_other_sections(text_zoo, tmp_path):
     from benchmarks.accuracy.report import run_suite
 
@@ -147,4 +104,4 @@ def test_cli_help_and_presets(capsys):
         small, _ = presets.get(suite)
         full, _ = presets.get(suite, full=True)
         assert set(small.tasks) <= set(full.tasks) and small.finetune.steps <= full.finetune.steps
-    assert len(presets.get("text", full=True)[0].tasks) >= 6 and len(presets.get("vision")[0].tasks) >= 5
+    assert len(presets.get("text", full=True)[0].tasks) >= 6 and len(presets.get("vision", full=True)[0].tasks) >= 6

@@ -1,0 +1,54 @@
+"""Your own task and suite from a file (--tasks-from), run end to end without editing the benchmark."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from benchmarks.accuracy import data as bdata
+from benchmarks.accuracy import plugins
+
+EXAMPLE = os.path.join(os.path.dirname(plugins.__file__), "examples", "my_tasks.py")
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Registrations made by a test do not leak into the others."""
+    monkeypatch.setattr(bdata, "ALL_TASKS", dict(bdata.ALL_TASKS))
+    monkeypatch.setattr(plugins, "SUITES", {})
+
+
+def test_the_example_task_file_runs_as_its_own_suite(registry, tmp_path, capsys):
+    from benchmarks.accuracy.__main__ import main
+
+    if not os.path.isdir(bdata.FORTUNE_DIR):
+        pytest.skip("Debian fortunes not installed (run .ci/install-data.sh)")
+    md = tmp_path / "RESULTS.md"
+    md.write_text("<!-- benchmarks.accuracy text-default BEGIN -->\nbuilt-in\n<!-- benchmarks.accuracy text-default END -->\n")
+    rc = main(["--tasks-from", EXAMPLE, "--suite", "fortune_pair", "--cache", str(tmp_path / "zoo"), "--json", str(tmp_path),
+               "--results", str(md), "--methods", "Pretrained,Individual,Task Arithmetic,CART++", "--threads", "1", "-q"])
+    assert rc == 0
+    out = json.load(open(tmp_path / "results-text-fortune_pair-default-subset.json"))
+    assert sorted(out["tasks"]) == ["foldoc", "fortune_pair"] and out["tasks"]["fortune_pair"]["n_test"] == 48
+    rows = {r["label"]: r for r in out["results"]}
+    assert set(rows) == {"Pretrained", "Individual", "Task Arithmetic", "CART++"}
+    assert rows["CART++"]["adaptation"]["steps"] <= 4 and 0 <= rows["Individual"]["mean"] <= 1
+    text = md.read_text()
+    assert "built-in" in text and "text-fortune_pair-default-subset BEGIN" in text  # the built-in section is untouched
+    assert "| fortune_pair (n=48) | foldoc (n=48) |" in capsys.readouterr().out
+
+
+def test_bad_registrations_name_the_problem(registry, tmp_path):
+    with pytest.raises(ValueError, match="'foldoc'.*already a task"):
+        plugins.register_task("foldoc", lambda sizes, seed: None, kind="text")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        plugins.register_task("mine", lambda sizes, seed: None, kind="audio")
+    plugins.register_task("mine", lambda sizes, seed: "not a task", kind="text")
+    with pytest.raises(ValueError, match="task 'mine': the loader must return TaskData"):
+        bdata.load_task("mine", bdata.Sizes(1, 1, 0, 1), 0)
+    plugins.register_suite("s", lambda full: None)
+    with pytest.raises(ValueError, match="'s'.*already registered"):
+        plugins.register_suite("s", lambda full: None)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        plugins.load(str(tmp_path / "missing.py"))

@@ -1,0 +1,49 @@
+"""The report's numbers: normalized accuracy, the seeds table, the RESULTS sections."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.accuracy import report as R
+from benchmarks.accuracy import table as T
+
+
+def _result(label: str, acc: dict[str, float], n: int = 100) -> T.Result:
+    correct = {k: np.arange(n) < round(v * n) for k, v in acc.items()}
+    return T.Result(label, None, "ok", test={k: float(c.mean()) for k, c in correct.items()}, correct=correct)
+
+
+def test_normalized_is_merged_over_individual_per_task():
+    ind, ta = _result("Individual", {"a": 0.8, "b": 0.5}), _result("Task Arithmetic", {"a": 0.6, "b": 0.5})
+    assert R.normalized(ta, R._individual([ind, ta])) == pytest.approx({"a": 0.75, "b": 1.0})
+    assert R.normalized(ta, {}) == {}
+
+
+def test_seeds_table_gives_mean_std_and_range_of_each_mean():
+    per_seed = {s: [_result("Individual", {"a": 0.8}), _result("CART", {"a": acc})]
+                for s, acc in ((0, 0.60), (1, 0.64), (2, 0.68))}
+    table = R.seeds_table(per_seed)
+    cart = next(line for line in table.splitlines() if line.startswith("| CART |"))
+    # mean 64.0, sample std 4.0, range [60.0, 68.0]; normalized 80.0 ± 5.0
+    assert "**64.0** ± 4.0 [60.0, 68.0]" in cart and "80.0 ± 5.0" in cart and cart.endswith("| 60.0 | 64.0 | 68.0 |")
+
+
+def test_accuracy_table_shows_wilson_and_mean_intervals():
+    class _Zoo:  # the two attributes the table reads
+        names = ["a"]
+        tasks = [type("t", (), {"name": "a", "y": {"test": np.zeros(100)}})]
+
+    table = R.accuracy_table(_Zoo(), [_result("Individual", {"a": 0.8}), _result("CART", {"a": 0.5})])
+    cart = next(line for line in table.splitlines() if line.startswith("| CART |"))
+    # Wilson 50/100: [40.4, 59.6]; the mean of one task: 50 ± 1.96·5 = [40.2, 59.8]; normalized 62.5
+    assert "50.0 ±9.6" in cart and "**50.0** [40.2, 59.8]" in cart and "| 62.5 |" in cart
+
+
+def test_write_section_replaces_only_its_block(tmp_path):
+    md = tmp_path / "R.md"
+    md.write_text("# R\n\nkeep\n")
+    R.write_section(str(md), "x", "one")
+    R.write_section(str(md), "y", "two")
+    R.write_section(str(md), "x", "three")
+    text = md.read_text()
+    assert "keep" in text and "one" not in text and text.index("three") < text.index("two")

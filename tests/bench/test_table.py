@@ -1,0 +1,92 @@
+"""The runner's rows on the tiny text zoo: transductive adaptation and its evidence, grids, references."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.accuracy import table as T
+from benchmarks.accuracy import zoo as Z
+
+
+def test_references_match_the_zoo(text_zoo):
+    bs = text_zoo.config.eval_batch_size
+    ind = T.run_row(text_zoo, T.Row("Individual", None), T.RunConfig(), {})
+    pre = T.run_row(text_zoo, T.Row("Pretrained", None), T.RunConfig(), {})
+    for t in text_zoo.tasks:
+        assert ind.test[t.name] == pytest.approx(t.entry["accuracy"]["test"])
+        assert pre.test[t.name] == pytest.approx(Z.accuracy(text_zoo.pretrained, t.head, t.x["test"], t.y["test"], bs))
+        assert len(ind.correct[t.name]) == len(t.y["test"])
+    mean, lo, hi = ind.ci()
+    assert lo < mean < hi and mean == pytest.approx(ind.mean)
+
+
+def test_grid_reports_the_paper_lambda_beside_the_val_choice(text_zoo):
+    rc = T.RunConfig(grid=(0.1, 0.3, 1.0), grid_on_test=True)
+    res = T.run_row(text_zoo, T.Row("Task Arithmetic", "task_arithmetic", grid=T.TA_GRID), rc, {})
+    val = dict(res.curves["val"])
+    assert res.chosen["scaling"] == max(val, key=lambda lam: (val[lam], -lam))
+    assert res.val and sum(res.val.values()) / len(res.val) == pytest.approx(val[res.chosen["scaling"]])
+    assert res.paper["scaling"] == 0.3 and res.paper["val_mean"] == pytest.approx(val[0.3])
+    test = dict(res.curves["test"])
+    assert res.paper["test_mean"] == pytest.approx(test[0.3]) and res.mean == pytest.approx(test[res.chosen["scaling"]])
+
+
+def test_adaptation_is_transductive_and_shows_its_evidence(text_zoo):
+    rc = T.RunConfig(tta_steps=8, track_every=2, plateau_window=4, track_examples=8, stop_at_plateau=False, tta_lr=0.05)
+    res = T.run_row(text_zoo, T.Row("TA+AdaRank", "adarank_ta", tta=True), rc, {})
+    a = res.adaptation
+    assert a["steps"] == 8 and [r["step"] for r in a["track"]] == [0, 2, 4, 6, 8] and len(a["batch_loss"]) == 8
+    # before: the merge at its initial λ = 0.3 on every test input of every task
+    start = T.predict(text_zoo, T._merge(text_zoo, "adarank_ta").fuse(), "test")
+    assert a["entropy_before"] == pytest.approx({k: float(v["entropy"].mean()) for k, v in start.items()})
+    assert a["accuracy_before"] == pytest.approx({k: float(v["correct"].mean()) for k, v in start.items()})
+    # after: the reported model, on all test inputs
+    assert set(a["entropy_after"]) == set(text_zoo.names) and a["entropy_after"] != a["entropy_before"]
+    assert a["lambda_before"]["min"] == pytest.approx(0.3) and a["lambda_before"]["max"] == pytest.approx(0.3)
+    assert a["lambda_change"]["max_abs"] > 0.05  # lr 0.05 for 8 steps: λ moved
+    f = a["mask_flips"]
+    assert f["kept_before"] == f["total"]  # TA+AdaRank starts with every component on
+    assert f["kept_after"] == f["kept_before"] - f["on_to_off"] + f["off_to_on"]
+    assert a["converged"] == (a["plateau_step"] is not None)
+
+
+def test_adaptation_uses_only_the_test_inputs(text_zoo, monkeypatch):
+    seen = []
+    import mergemodules
+
+    real = mergemodules.adapt
+
+    def spy(merged, tasks, **kw):
+        for name, task in tasks.items():
+            seen.append((name, torch.cat([b[0] for b in task.data])))
+        return real(merged, tasks, **kw)
+
+    monkeypatch.setattr(mergemodules, "adapt", spy)
+    T.run_row(text_zoo, T.Row("CART++", "cart_pp", tta=True), T.RunConfig(tta_steps=2, track_examples=4), {})
+    assert sorted(name for name, _ in seen) == sorted(text_zoo.names)
+    for name, x in seen:
+        t = next(t for t in text_zoo.tasks if t.name == name)
+        assert sorted(map(tuple, x.tolist())) == sorted(map(tuple, t.x["test"].tolist()))  # inputs only, all of them
+
+
+def test_stopping_at_the_plateau(text_zoo):
+    rc = T.RunConfig(tta_steps=40, track_every=2, plateau_window=2, track_examples=8, plateau_rel=1.0, plateau_tol=1.0)
+    res = T.run_row(text_zoo, T.Row("AdaMerging (task-wise)", "adamerging_taskwise", tta=True), rc, {})
+    assert res.adaptation["converged"] and res.adaptation["steps"] == res.adaptation["plateau_step"] == 2
+
+
+def test_run_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="RunConfig.tta_steps"):
+        T.RunConfig(tta_steps=0)
+    with pytest.raises(ValueError, match="plateau_window"):
+        T.RunConfig(track_every=30, plateau_window=100)
+    with pytest.raises(ValueError, match="unknown row"):
+        T.RunConfig(rows=("CART", "Cart++"))
+
+
+def test_a_row_subset_runs_the_rows_its_initial_lambda_comes_from(text_zoo):
+    results = T.run_all(text_zoo, T.RunConfig(rows=("CART+AdaRank",), grid=(0.5,), tta_steps=1, track_examples=4))
+    assert [r.label for r in results] == ["CART", "CART+AdaRank"]
+    assert results[1].chosen["scaling_init"] == results[0].chosen["scaling"] == 0.5
+    assert all(isinstance(v, np.ndarray) for v in results[1].correct.values())
