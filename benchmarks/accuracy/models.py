@@ -138,6 +138,8 @@ def feature_dim(encoder: nn.Module) -> int:
         return encoder.bert.config.hidden_size
     if isinstance(encoder, VisionEncoder):
         return encoder.dino.config.hidden_size
+    if hasattr(encoder, "decoder"):  # decoder.DecoderEncoder (decoder suite)
+        return encoder.config.hidden_size
     raise TypeError(type(encoder))
 
 
