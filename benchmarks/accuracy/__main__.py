@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the full benchmark (all tasks, longer fine-tuning and TTA)")
-    p.add_argument("--suite", default="all", help=f"one of {', '.join(presets.SUITES)}, a suite registered by "
-                   "--tasks-from, or 'all' (the built-in suites)")
+    p.add_argument("--suite", default="all", help=f"one of {', '.join(presets.SUITES + presets.FULL_ONLY_SUITES)}, a suite "
+                   "registered by --tasks-from, or 'all' (the built-in suites; the decoder suite only with --full)")
     p.add_argument("--tasks-from", action="append", default=[], metavar="FILE",
                    help="a Python file that registers your own tasks, backbones and suites (see the README); repeatable")
     p.add_argument("--seeds", type=_seeds, default=None,
@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     for path in args.tasks_from:
         plugins.load(path)
-    known = (*presets.SUITES, *plugins.SUITES)
+    known = (*presets.SUITES, *presets.FULL_ONLY_SUITES, *plugins.SUITES)
     if args.suite != "all" and args.suite not in known:
         p.error(f"--suite: unknown suite {args.suite!r}; known: {', '.join(known)} or all")
-    suites = presets.SUITES if args.suite == "all" else (args.suite,)
+    everything = (*presets.SUITES, *presets.FULL_ONLY_SUITES) if args.full else presets.SUITES  # decoder: --full only
+    suites = everything if args.suite == "all" else (args.suite,)
     command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.time()
     for suite in suites:

