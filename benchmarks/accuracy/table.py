@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from mergemodules.methods.awd import ALPHA_GRID as AWD_ALPHA_GRID
 from mergemodules.methods.awd import SCALING_GRID as AWD_SCALING_GRID
 
 from . import stats
