@@ -54,14 +54,6 @@ OXYGEN_DIR = os.environ.get("MERGEMODULES_OXYGEN_DIR", "/usr/share/icons/oxygen/
 #: side of every stored vision image (pixels); the encoder resizes to its own resolution
 IMAGE_SIZE = 28
 
-#: Debian packages the data needs (what ``.ci/install-data.sh`` installs).
-DEBIAN_PACKAGES = (
-    "fortunes", "fortunes-min", "fortunes-de", "fortunes-es", "fortunes-it", "fortunes-pl",
-    "fortunes-br", "fortunes-ru", "fortunes-cs", "wordnet-base", "dict-foldoc", "manpages",
-    "manpages-dev", "dataset-fashion-mnist", "adwaita-icon-theme", "oxygen-icon-theme",
-)
-
-
 class DataUnavailable(RuntimeError):
     """The package that carries a task's data is not installed."""
 
