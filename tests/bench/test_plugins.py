@@ -52,3 +52,14 @@ def test_bad_registrations_name_the_problem(registry, tmp_path):
         plugins.register_suite("s", lambda full: None)
     with pytest.raises(FileNotFoundError, match="no such file"):
         plugins.load(str(tmp_path / "missing.py"))
+
+
+def test_cli_rejects_bad_seeds_and_unknown_suites(capsys):
+    from benchmarks.accuracy.__main__ import main
+
+    for argv, message in ((["--seeds", "0,x"], "--seeds: comma-separated integers"),
+                          (["--seeds", "1,1"], "--seeds: distinct seeds"),
+                          (["--suite", "nope"], "--suite: unknown suite 'nope'")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -90,3 +90,13 @@ def test_a_row_subset_runs_the_rows_its_initial_lambda_comes_from(text_zoo):
     assert [r.label for r in results] == ["CART", "CART+AdaRank"]
     assert results[1].chosen["scaling_init"] == results[0].chosen["scaling"] == 0.5
     assert all(isinstance(v, np.ndarray) for v in results[1].correct.values())
+
+
+def test_adarank_rows_take_their_own_rate(text_zoo):
+    rc = T.RunConfig(tta_steps=1, track_every=1, plateau_window=1, track_examples=4, tta_lr=1e-3, adarank_lr=5e-5)
+    ada = T.run_row(text_zoo, T.Row("TA+AdaRank", "adarank_ta", tta=True), rc, {})
+    lw = T.run_row(text_zoo, T.Row("AdaMerging (layer-wise)", "adamerging_layerwise", tta=True), rc, {})
+    assert ada.adaptation["lr"] == 5e-5 and lw.adaptation["lr"] == 1e-3
+    # one Adam step moves every λ by about lr
+    assert ada.adaptation["lambda_change"]["max_abs"] == pytest.approx(5e-5, rel=0.05)
+    assert lw.adaptation["lambda_change"]["max_abs"] == pytest.approx(1e-3, rel=0.05)
