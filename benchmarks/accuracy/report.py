@@ -171,6 +171,29 @@ def ordering_lines(results: list[T.Result]) -> list[str]:
     return [stats.ordering(T.STATIC_ORDER, correct), stats.ordering(T.ADAPTIVE_ORDER, correct)]
 
 
+def _off_diagonal_abs(m: list[list[float]]) -> float:
+    vals = [abs(v) for i, row in enumerate(m) for j, v in enumerate(row) if i != j]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def diagnostics_line(results: list[T.Result], diag: dict[str, Any]) -> str:
+    """The diagnostics in numbers, for reading the orderings: interference, spectra, λ choices, adaptation."""
+    def top8(spectra):
+        return sum(dict(v)[0.08] for v in spectra.values()) / len(spectra)
+
+    parts = [f"mean off-diagonal |cos| of τ {_off_diagonal_abs(diag['cosine']):.2f} (of centered τ̄ "
+             f"{_off_diagonal_abs(diag['cosine_centered']):.2f})",
+             f"the top 8 % of singular values keep {top8(diag['spectra']):.2f} of ‖τ‖² ({top8(diag['spectra_centered']):.2f} of ‖τ̄‖²)"]
+    for r in results:
+        if r.paper:
+            parts.append(f"{r.label} λ {r.chosen['scaling']:g} on val vs paper {r.paper['scaling']:g}: test "
+                         f"{100 * r.mean:.1f} vs {100 * r.paper['test_mean']:.1f}")
+    stuck = [r.label for r in results if r.adaptation and not r.adaptation["converged"]]
+    if stuck:
+        parts.append(f"no entropy plateau within the budget: {', '.join(stuck)}")
+    return "Diagnostics in numbers: " + "; ".join(parts) + "."
+
+
 def cosine_table(names: list[str], m: list[list[float]]) -> str:
     """A cosine matrix as a Markdown table."""
     lines = ["| | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
@@ -239,7 +262,7 @@ def _body(cfg: SuiteConfig, zoo: Zoo, results: list[T.Result], sweep, diag, rel:
             "the labelled val split; adaptive rows adapt on the unlabeled test inputs (labels only for accuracy).", "",
             accuracy_table(zoo, results), "", "**The papers' orderings** (paired differences on the same test "
             "examples, percentage points [95 % CI]; `<` significant, `≈` within the interval, `>` reversed):", ""]
-    body += [f"- {line}" for line in ordering_lines(results)] + [""]
+    body += [f"- {line}" for line in ordering_lines(results)] + ["", diagnostics_line(results, diag), ""]
     body += ["Normalized accuracy (%), merged / individual:", "", normalized_table(zoo, results), ""]
     grid = grid_table(results)
     if grid:
@@ -334,9 +357,9 @@ def run_seeds(cfg: SuiteConfig, rc: T.RunConfig, seeds: Sequence[int], *, plots_
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"seeds: need distinct seeds, got {list(seeds)}")
     outs, per_seed = {}, {}
-    for s in seeds:
+    for s in seeds:  # the first seed's full section goes to RESULTS.md; every seed's JSON and plots are kept
         outs[s] = run_suite(dataclasses.replace(cfg, seed=s), dataclasses.replace(rc, seed=s), plots_dir=plots_dir,
-                            results_md=results_md, preset=preset, **kw)
+                            results_md=results_md if s == seeds[0] else None, preset=preset, **kw)
         per_seed[s] = outs[s]["results"]
     table = seeds_table(per_seed)
     tag = f"{cfg.suite}-{preset}-seeds"

@@ -47,3 +47,15 @@ def test_write_section_replaces_only_its_block(tmp_path):
     R.write_section(str(md), "x", "three")
     text = md.read_text()
     assert "keep" in text and "one" not in text and text.index("three") < text.index("two")
+
+
+def test_diagnostics_line_states_the_numbers():
+    diag = {"cosine": [[1, 0.1], [-0.3, 1]], "cosine_centered": [[1, -1], [-1, 1]],
+            "spectra": {"a": [(0.08, 0.5)], "b": [(0.08, 0.7)]}, "spectra_centered": {"a": [(0.08, 0.9)], "b": [(0.08, 0.9)]}}
+    cart = _result("CART", {"a": 0.6, "b": 0.6})
+    cart.chosen, cart.paper = {"scaling": 0.3}, {"scaling": 1.0, "test_mean": 0.55}
+    ada = _result("CART++", {"a": 0.6, "b": 0.6})
+    ada.adaptation = {"converged": False}
+    line = R.diagnostics_line([cart, ada], diag)
+    assert "|cos| of τ 0.20 (of centered τ̄ 1.00)" in line and "keep 0.60 of ‖τ‖² (0.90 of ‖τ̄‖²)" in line
+    assert "CART λ 0.3 on val vs paper 1: test 60.0 vs 55.0" in line and "within the budget: CART++" in line
