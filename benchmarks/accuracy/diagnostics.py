@@ -17,18 +17,24 @@ from mergemodules.methods.awd import cosine_matrix
 from .zoo import Zoo
 
 
-def _vectors(zoo: Zoo, centered: bool) -> list[dict[str, torch.Tensor]]:
-    """Per task, parameter name → τ_t = θ_t − θ₀ (or the centered τ̄_t = θ_t − θ_avg), float parameters only."""
-    pre = {k: v.detach().float() for k, v in zoo.pretrained.state_dict().items() if v.is_floating_point()}
-    tuned = [{k: v.detach().float() for k, v in t.encoder.state_dict().items() if k in pre} for t in zoo.tasks]
-    base = {k: torch.stack([sd[k] for sd in tuned]).mean(0) for k in pre} if centered else pre
-    return [{k: sd[k] - base[k] for k in pre} for sd in tuned]
+def _task_vectors(zoo: Zoo, name: str, centered: bool) -> torch.Tensor:
+    """(T, *shape): τ_t = θ_t − θ₀ (or the centered τ̄_t = θ_t − θ_avg) of one parameter, in float64."""
+    tuned = torch.stack([t.encoder.get_parameter(name).detach().double() for t in zoo.tasks])
+    base = tuned.mean(0) if centered else zoo.pretrained.get_parameter(name).detach().double()
+    return tuned - base
+
+
+def _names(zoo: Zoo) -> list[str]:
+    return [n for n, p in zoo.pretrained.named_parameters() if p.is_floating_point()]
 
 
 def cosine(zoo: Zoo, centered: bool = False) -> list[list[float]]:
     """T × T cosine similarity of the task vectors flattened over every float parameter of the encoder."""
-    flat = torch.stack([torch.cat([v.flatten() for v in tv.values()]) for tv in _vectors(zoo, centered)]).double()
-    return cosine_matrix(flat @ flat.T).tolist()
+    gram = torch.zeros(len(zoo.tasks), len(zoo.tasks), dtype=torch.float64)
+    for name in _names(zoo):  # one parameter at a time: memory of T copies of the largest tensor only
+        v = _task_vectors(zoo, name, centered).flatten(1)
+        gram += v @ v.T
+    return cosine_matrix(gram).tolist()
 
 
 def _linear_weights(model: nn.Module) -> list[str]:
@@ -40,18 +46,12 @@ def spectra(zoo: Zoo, fractions: tuple[float, ...], centered: bool = False) -> d
     names = _linear_weights(zoo.pretrained)
     if not names:
         raise ValueError("spectra: the encoder has no nn.Linear weight")
-    out = {}
-    for t, tv in zip(zoo.tasks, _vectors(zoo, centered)):
-        kept = torch.zeros(len(fractions), dtype=torch.float64)
-        for name in names:
-            s2 = torch.linalg.svdvals(tv[name].double()) ** 2
-            total = s2.sum()
-            if total == 0:
-                kept += 1.0
-                continue
-            cum = s2.cumsum(0) / total
-            r = len(s2)
-            kept += torch.tensor([float(cum[max(1, min(r, math.ceil(f * r))) - 1]) for f in fractions],
-                                 dtype=torch.float64)
-        out[t.name] = [(f, float(k / len(names))) for f, k in zip(fractions, kept)]
-    return out
+    kept = torch.zeros(len(zoo.tasks), len(fractions), dtype=torch.float64)
+    for name in names:
+        s2 = torch.linalg.svdvals(_task_vectors(zoo, name, centered)) ** 2  # (T, r)
+        r = s2.shape[1]
+        cum = s2.cumsum(1) / s2.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        cum[s2.sum(1) == 0] = 1.0  # a zero task vector loses nothing
+        kept += cum[:, [max(1, min(r, math.ceil(f * r))) - 1 for f in fractions]]
+    kept /= len(names)
+    return {t.name: [(f, float(k)) for f, k in zip(fractions, kept[i])] for i, t in enumerate(zoo.tasks)}
