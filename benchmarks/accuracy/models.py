@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from typing import Callable
 
 import torch
 from torch import nn
@@ -117,10 +118,17 @@ def build_text_encoder(spec: TextModelSpec, seed: int = 0) -> TextEncoder:
     return TextEncoder(bert)
 
 
-def build_vision_encoder(spec: VisionModelSpec, seed: int = 0) -> VisionEncoder:
-    """The pretrained DINOv2 ViT-S/14 (from the installed ONNX file) or a tiny random Dinov2 for tests."""
+#: vision backbones of your own, by ``VisionModelSpec.kind`` (filled by ``plugins.register_backbone``):
+#: build(spec, seed) -> a module mapping images (B, 3, S, S) in [0, 1] to features (B, feature_dim)
+VISION_BACKBONES: dict[str, Callable[[VisionModelSpec, int], nn.Module]] = {}
+
+
+def build_vision_encoder(spec: VisionModelSpec, seed: int = 0) -> nn.Module:
+    """DINOv2 ViT-S/14 (the installed ONNX file), a tiny random Dinov2 (tests) or a registered backbone."""
     from . import dinov2
 
+    if spec.kind in VISION_BACKBONES:
+        return VISION_BACKBONES[spec.kind](spec, seed)
     if spec.kind == "dinov2":
         return VisionEncoder(dinov2.load_pretrained(spec.image_size))
     if spec.kind == "tiny":
@@ -140,6 +148,8 @@ def feature_dim(encoder: nn.Module) -> int:
         return encoder.dino.config.hidden_size
     if hasattr(encoder, "decoder"):  # decoder.DecoderEncoder (decoder suite)
         return encoder.config.hidden_size
+    if isinstance(getattr(encoder, "feature_dim", None), int):  # a registered backbone
+        return encoder.feature_dim
     raise TypeError(type(encoder))
 
 

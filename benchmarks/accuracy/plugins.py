@@ -1,11 +1,12 @@
-"""Your own tasks and suites, from a Python file given to ``--tasks-from`` (no file of the benchmark edited).
+"""Your own tasks, vision backbones and suites, from a Python file given to ``--tasks-from`` (no file edited).
 
 The file is imported by path; at import it calls :func:`register_task` for each task (a loader that
-returns :class:`data.TaskData`: data, labels and class names split into train/val/test) and
+returns :class:`data.TaskData`: data, labels and class names split into train/val/test),
+:func:`register_backbone` for a vision backbone of its own (used by ``VisionModelSpec(kind)``) and
 :func:`register_suite` for a suite that uses them: a :class:`zoo.SuiteConfig` (its tasks, sizes, the
 backbone through ``text_model``/``vision_model`` and the head rule through ``FinetuneHP.head_init``:
-``"zeroshot"`` text heads from the class names/descriptions, ``"probe"`` a linear probe on frozen
-pretrained features, ``"prototype"`` class means) and a :class:`table.RunConfig`. Then::
+``"zeroshot"`` text heads from the class names/descriptions or ``"probe"`` a linear probe on frozen
+pretrained features) and a :class:`table.RunConfig`. Then::
 
     python -m benchmarks.accuracy --tasks-from my_tasks.py --suite my_suite
 
@@ -19,7 +20,10 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from torch import nn
+
 from . import data as bdata
+from . import models
 
 #: suite name → get(full: bool) -> (SuiteConfig, RunConfig), filled by :func:`register_suite`
 SUITES: dict[str, Callable[[bool], tuple]] = {}
@@ -67,6 +71,24 @@ def task_from_items(name: str, kind: str, source: str, items: Sequence[tuple[obj
                     sizes: bdata.Sizes, seed: int) -> bdata.TaskData:
     """A task from (input, label index) pairs: the benchmark's seeded, class-balanced train/val/tta/test split."""
     return bdata._from_items(name, kind, source, list(items), classes, sizes, seed)
+
+
+def register_backbone(kind: str, build: Callable[[models.VisionModelSpec, int], nn.Module]) -> None:
+    """Make ``VisionModelSpec(kind)`` build your vision backbone: ``build(spec, seed)`` returns a module that maps
+    images (B, 3, S, S) in [0, 1] to features (B, d) and has an int attribute ``feature_dim`` = d."""
+    if not isinstance(kind, str) or not kind or kind in ("dinov2", "tiny") or kind in models.VISION_BACKBONES:
+        raise ValueError(f"register_backbone: kind {kind!r} is empty, built in or already registered")
+    if not callable(build):
+        raise TypeError(f"register_backbone({kind!r}): build must be callable (spec, seed) -> nn.Module")
+
+    def checked(spec: models.VisionModelSpec, seed: int) -> nn.Module:
+        module = build(spec, seed)
+        if not isinstance(module, nn.Module) or not isinstance(getattr(module, "feature_dim", None), int):
+            raise ValueError(f"backbone {kind!r}: build must return an nn.Module with an int feature_dim, "
+                             f"got {type(module).__name__}")
+        return module
+
+    models.VISION_BACKBONES[kind] = checked
 
 
 def register_suite(name: str, get: Callable[[bool], tuple]) -> None:

@@ -5,11 +5,13 @@ import json
 import os
 
 import pytest
+import torch
 
 from benchmarks.accuracy import data as bdata
-from benchmarks.accuracy import plugins
+from benchmarks.accuracy import models, plugins
 
 EXAMPLE = os.path.join(os.path.dirname(plugins.__file__), "examples", "my_tasks.py")
+BACKBONE = os.path.join(os.path.dirname(plugins.__file__), "examples", "my_backbone.py")
 
 
 @pytest.fixture
@@ -17,6 +19,7 @@ def registry(monkeypatch):
     """Registrations made by a test do not leak into the others."""
     monkeypatch.setattr(bdata, "ALL_TASKS", dict(bdata.ALL_TASKS))
     monkeypatch.setattr(plugins, "SUITES", {})
+    monkeypatch.setattr(models, "VISION_BACKBONES", {})
 
 
 def test_the_example_task_file_runs_as_its_own_suite(registry, tmp_path, capsys):
@@ -39,6 +42,21 @@ def test_the_example_task_file_runs_as_its_own_suite(registry, tmp_path, capsys)
     assert "| fortune_pair (n=48) | foldoc (n=48) |" in capsys.readouterr().out
 
 
+def test_the_example_backbone_is_merged_like_a_built_in_one(registry, tmp_path, capsys):
+    from benchmarks.accuracy.__main__ import main
+
+    rc = main(["--tasks-from", BACKBONE, "--suite", "pixel_mlp", "--cache", str(tmp_path / "zoo"), "--json", str(tmp_path),
+               "--methods", "Pretrained,Individual,Task Arithmetic,TSV-M,AdaMerging (layer-wise)", "--threads", "1", "-q"])
+    assert rc == 0
+    out = json.load(open(tmp_path / "results-vision-pixel_mlp-default-subset.json"))
+    rows = {r["label"]: r for r in out["results"]}
+    assert set(rows) == {"Pretrained", "Individual", "Task Arithmetic", "TSV-M", "AdaMerging (layer-wise)"}
+    assert out["config"]["vision_model"]["kind"] == "pixel_mlp" and sorted(out["tasks"]) == ["digits", "mnist"]
+    assert rows["AdaMerging (layer-wise)"]["adaptation"]["lambda_after"]["n"] == 2 * 4  # 2 Linear layers × (W, b) × 2 tasks
+    # the Individual row re-evaluates the cached fine-tuned backbones: the zoo's own numbers
+    assert rows["Individual"]["test"] == pytest.approx({t: v["individual"]["test"] for t, v in out["tasks"].items()})
+
+
 def test_bad_registrations_name_the_problem(registry, tmp_path):
     with pytest.raises(ValueError, match="'foldoc'.*already a task"):
         plugins.register_task("foldoc", lambda sizes, seed: None, kind="text")
@@ -50,6 +68,11 @@ def test_bad_registrations_name_the_problem(registry, tmp_path):
     plugins.register_suite("s", lambda full: None)
     with pytest.raises(ValueError, match="'s'.*already registered"):
         plugins.register_suite("s", lambda full: None)
+    with pytest.raises(ValueError, match="'dinov2' is empty, built in"):
+        plugins.register_backbone("dinov2", lambda spec, seed: None)
+    plugins.register_backbone("bare", lambda spec, seed: torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="backbone 'bare': build must return an nn.Module with an int feature_dim"):
+        models.build_vision_encoder(models.VisionModelSpec("bare"))
     with pytest.raises(FileNotFoundError, match="no such file"):
         plugins.load(str(tmp_path / "missing.py"))
 
