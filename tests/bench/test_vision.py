@@ -88,3 +88,24 @@ def test_vision_zoo_reuse_and_source_change(vision_zoo, monkeypatch, caplog):
 def test_a_merge_of_the_vision_zoo(vision_zoo):
     res = T.run_row(vision_zoo, T.Row("Task Arithmetic", "task_arithmetic", grid=(0.3, 1.0)), T.RunConfig(), {})
     assert res.status == "ok" and res.chosen["scaling"] in (0.3, 1.0) and set(res.test) == set(TASKS)
+
+
+def test_finetune_warms_up_and_never_moves_the_head(monkeypatch):
+    torch.manual_seed(0)
+    enc, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+    w0, h0 = enc.weight.detach().clone(), head.weight.detach().clone()
+    x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    Z.finetune(enc, head, x, y, Z.FinetuneHP(steps=1, batch_size=8, lr=0.3, warmup=0.0), seed=0, desc="t")
+    assert torch.equal(head.weight, h0) and not head.weight.requires_grad
+    # Adam's first step moves every weight by ~lr whatever its gradient: why the warm-up exists
+    torch.testing.assert_close((enc.weight - w0).abs(), torch.full((4, 4), 0.3), atol=1e-3, rtol=0)
+    lrs, real_step = [], torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    Z.finetune(enc, head, x, y, Z.FinetuneHP(steps=10, batch_size=8, lr=0.3, warmup=0.2), seed=0, desc="t")
+    assert lrs == pytest.approx([0.1, 0.2, 0.3, 0.3 * 7 / 8, 0.3 * 6 / 8, 0.3 * 5 / 8, 0.3 * 4 / 8, 0.3 * 3 / 8,
+                                 0.3 * 2 / 8, 0.3 / 8])
