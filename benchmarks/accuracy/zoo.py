@@ -48,6 +48,7 @@ MANIFEST_VERSION = 1
 
 
 def default_cache_dir() -> str:
+    """``$MERGEMODULES_BENCH_CACHE`` or ``~/.cache/mergemodules/bench``."""
     root = os.environ.get("MERGEMODULES_BENCH_CACHE")
     if root:
         return root
@@ -73,6 +74,7 @@ class FinetuneHP:
 
 @dataclasses.dataclass(frozen=True)
 class SuiteConfig:
+    """Everything that determines a suite's zoo: tasks, split sizes, recipe, seed, backbone."""
     suite: str  # "text" | "vision"
     tasks: tuple[str, ...]
     sizes: bdata.Sizes
@@ -109,6 +111,7 @@ class SuiteConfig:
 
 # --------------------------------------------------------------------------- io helpers
 def sha256_file(path: str) -> str:
+    """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -134,6 +137,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: d
 
 
 def atomic_write_json(obj: Any, path: str) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename it into place."""
     from mergemodules.io import atomic_write
 
     def write(tmp: str) -> None:
@@ -146,6 +150,7 @@ def atomic_write_json(obj: Any, path: str) -> None:
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file as a state dict."""
     from safetensors.torch import load_file
 
     return load_file(path)
@@ -159,12 +164,14 @@ def _progress(iterable, **kw):
 
 
 def batches(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices covering ``range(n)``."""
     for i in range(0, n, batch_size):
         yield slice(i, min(n, i + batch_size))
 
 
 @torch.no_grad()
 def encode(encoder: nn.Module, x: torch.Tensor, batch_size: int, desc: str | None = None) -> torch.Tensor:
+    """Features of ``x`` in eval mode, batch by batch, as float32."""
     encoder.eval()
     it = batches(len(x), batch_size)
     if desc:
@@ -174,6 +181,7 @@ def encode(encoder: nn.Module, x: torch.Tensor, batch_size: int, desc: str | Non
 
 @torch.no_grad()
 def accuracy(encoder: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Fraction of ``x`` that ``head(encoder(x))`` classifies as ``y`` (NaN when empty)."""
     feats = encode(encoder, x, batch_size)
     return float((head(feats).argmax(-1) == y).float().mean().item()) if len(y) else float("nan")
 
@@ -266,6 +274,7 @@ class Task:
 
 @dataclasses.dataclass
 class Zoo:
+    """A built suite: the pretrained encoder, one fine-tuned encoder and frozen head per task, the manifest."""
     config: SuiteConfig
     directory: str
     pretrained: nn.Module
