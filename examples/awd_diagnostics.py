@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import mergemodules as mm
-from mergemodules.methods.awd import with_awd
+from mergemodules.methods import with_awd
+from mergemodules.plotting import plot_awd_cosine
 
 torch.manual_seed(0)
 pretrained = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2).eval()
@@ -34,7 +35,7 @@ print(f"mean |cos| of the task vectors: {awd.mean_abs_cosine_before:.3f} -> {awd
 print(f"||delta|| = {awd.delta_norm:.4f}; loss {awd.loss_history[0]:.4f} -> {awd.loss_history[-1]:.4f}")
 print("cosine similarities after AWD:\n", awd.cosine_after.numpy().round(3))
 print("AWD covers:", sorted(awd.deltas)[:3], "...")
-awd.plot_cosine(sys.argv[1] if len(sys.argv) > 1 else "awd_cosine.png", task_names=["A", "B", "C", "D"])
+plot_awd_cosine(awd, sys.argv[1] if len(sys.argv) > 1 else "awd_cosine.png", task_names=["A", "B", "C", "D"])
 
 # Only the blocks' feed-forward weights, and AWD before another method (not tested by the paper).
 ffn_only = mm.merge(pretrained, finetuned, "awd_ta", scope=["*linear*"], alpha=1e-3, steps=100, lr=1e-3)

@@ -3,7 +3,8 @@ from .decompose import Factors, resolve_rank, truncated_svd
 from .layers import MergedLinear, MergedTensor, MergedWeight, straight_through_mask, weight_cache
 from .methods import METHODS, Method, Transform, UnknownMethodError, get_method, register_method
 from .surgery import MergedModel, merge
-from .masks import hard_masks, mask_summary, plot_masks
+from .masks import hard_masks, mask_summary
+from .plotting import plot_masks
 from .tta import Task, adapt, entropy, evaluate
 
 __all__ = [

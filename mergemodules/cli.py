@@ -22,8 +22,6 @@ from .decompose import resolve_rank
 from .files import check_writable
 from .io import load_merge_state, save_fused, save_merge_state
 from .methods import Method, get_method
-from .methods.ties import Ties
-from .methods.tsv import TaskSingularVectors
 from .recipe import AUTOCAST, DTYPES, AdaptSpec, Recipe, RecipeError, load_recipe
 from .sources import (
     DEFAULT_MAX_SHARD_SIZE, MODEL_KINDS, build_model, cast_tensors_, compute_dtype_of, load_callable, output_dtypes,
@@ -86,10 +84,6 @@ class _Output(NamedTuple):
 
 def _progress() -> bool:
     return logging.getLogger("mergemodules").getEffectiveLevel() <= logging.INFO
-
-
-def _is_static(method: Method) -> bool:
-    return method.coefficients == "global" and not method.masks
 
 
 def _output(recipe: Recipe | None, given: str | None) -> Path:
@@ -226,7 +220,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     recipe, model, entries = load_recipe(args.recipe, run_code=args.trust_code or not args.check)
     recipe = _with_dtypes(recipe, args)
     shard_size = _shard_size(recipe, args.max_shard_size)
-    if not _is_static(recipe.method):
+    if recipe.method.is_adaptive:
         raise recipe.error(("method",), f"{recipe.method.name!r} learns its coefficients/masks by test-time "
                                         "adaptation: use 'mergemodules adapt' (or a static method)")
     if entries is None:
@@ -430,12 +424,12 @@ def cmd_fuse(args: argparse.Namespace) -> None:
 
 
 def _stored(method: Method, T: int, shape: tuple[int, ...]) -> tuple[int, int | None]:
-    """(stored task terms, components kept per term; None for dense) of a matrix under ``method``."""
-    terms = 1 if isinstance(method.transform, Ties) else T
+    """(stored task terms, components kept per term; None for dense) of a matrix under ``method``, as its
+    transform states them."""
+    terms = method.transform.stored_terms(T)
     if method.matrices != "svd":
         return terms, None
-    k = resolve_rank(method.rank, shape[-2:])
-    return terms, max(1, k // T) if isinstance(method.transform, TaskSingularVectors) else k
+    return terms, method.transform.stored_rank(resolve_rank(method.rank, shape[-2:]), T)
 
 
 def memory_plan(entries: Sequence[Entry], method: Method, T: int, bytes_per: int) -> list[dict[str, Any]]:
@@ -452,8 +446,7 @@ def memory_plan(entries: Sequence[Entry], method: Method, T: int, bytes_per: int
         elif e.merged and is_matrix:
             kind = "matrix, base only"
         elif e.merged and method.dense:
-            terms, _ = _stored(method, T, (1, 1))
-            kind, extra = "dense", terms * numel
+            kind, extra = "dense", method.transform.stored_terms(T) * numel
         elif e.merged:
             kind = "base only"
         rows.append({"name": e.name, "shape": e.shape, "merged": kind, "rank": rank,

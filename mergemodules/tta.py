@@ -29,6 +29,7 @@ from .batches import (Joined, call, concatenate, labelled, mixes_examples, outpu
                       unlabeled_inputs)
 from .distributed import World
 from .layers import _Merged, weight_cache
+from .methods import method_names
 from .streams import Stream, derived_seed, isolated_rng, seeded_rng_state
 from .tta_checkpoint import Checkpoint
 
@@ -308,8 +309,8 @@ class _Adaptation:
         self.params = dict(merged.named_parameters())
         self.trainable = [p for p in self.params.values() if p.requires_grad]
         if not self.trainable:
-            raise ValueError("merged has no trainable parameters: merge with an adaptive method "
-                             "(adamerging_taskwise, adamerging_layerwise, cart_pp, adarank_ta, adarank_cart)")
+            adaptive = ", ".join(method_names(lambda method: method.is_adaptive))
+            raise ValueError(f"merged has no trainable parameters: merge with an adaptive method ({adaptive})")
         self.optimizer = torch.optim.Adam(self.trainable, lr=lr, betas=BETAS)
         self.device = _device(merged)
         self.cuda = [self.device.index or 0] if self.device.type == "cuda" else []

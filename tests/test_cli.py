@@ -11,6 +11,7 @@ import mergemodules as mm
 from helpers import perturbed
 from mergemodules.cli import main, memory_plan
 from mergemodules.io import save_merge_state
+from mergemodules.methods import with_awd
 from recipe_setup import HERE, adapt_tasks, gpt2_folders, timm_model, timm_recipe, write_recipe, write_timm_checkpoints
 
 
@@ -107,19 +108,61 @@ def test_inspect_lists_matrices_ranks_and_memory(tmp_path: Path, capsys: pytest.
     assert "T=2 tasks" in out and "MiB" in out
 
 
-@pytest.mark.parametrize("method, options", [
-    ("task_arithmetic", {}), ("ties", {}), ("tsv", {}), ("cart", {"rank": 0.1}), ("weight_averaging", {}),
-])
-def test_inspect_memory_is_what_merge_holds(method: str, options: dict) -> None:
-    base = timm_model()
-    finetuned = [perturbed(base, seed=s) for s in (1, 2, 3)]
-    merged = mm.merge(base, finetuned, method, exclude=["head"], **options)
+def _stored_bytes(merged: mm.MergedModel) -> int:
+    """Bytes of every distinct storage the merged tensors hold: B, the dense terms and the factors."""
     storages = {}
     for module in merged.merged_tensors().values():
         for buffer in module.buffers(recurse=False):
             storages[buffer.untyped_storage().data_ptr()] = buffer.untyped_storage().nbytes()
-    rows = memory_plan(mm.targets.plan(base, exclude=["head"]), mm.get_method(method, **options), 3, 4)
-    assert sum(r["bytes"] for r in rows) == sum(storages.values())
+    return sum(storages.values())
+
+
+AWD_FAST = {"steps": 2, "lr": 1e-3}
+REGISTERED = list(dict.fromkeys(method.name for method in mm.METHODS.values()))
+WITH_AWD = ["ties", "tsv", "cart", "adarank_ta"]
+
+
+def _planned_method(name: str) -> mm.Method:
+    """A registered method (AWD ones with a short δ fit), or ``with_awd(inner)`` for ``awd+inner``."""
+    if name.startswith("awd+"):
+        return with_awd(name[4:], **AWD_FAST)
+    method = mm.get_method(name)
+    return mm.get_method(method, **AWD_FAST) if name.startswith("awd_") else method
+
+
+@pytest.mark.parametrize("name", REGISTERED + [f"awd+{inner}" for inner in WITH_AWD])
+def test_inspect_memory_is_what_merge_holds(name: str) -> None:
+    method = _planned_method(name)
+    base = timm_model()
+    finetuned = [perturbed(base, seed=s) for s in (1, 2, 3)]
+    merged = mm.merge(base, finetuned, method, exclude=["head"])
+    rows = memory_plan(mm.targets.plan(base, exclude=["head"]), method, 3, 4)
+    assert sum(r["bytes"] for r in rows) == _stored_bytes(merged)
+    ranks = {r["name"]: r["rank"] for r in rows if r["merged"] == "matrix, low-rank"}
+    assert ranks == {n: str(w.rank) for n, w in merged.merged_weights().items() if w.U is not None}
+
+
+def test_inspect_memory_of_awd_ties_and_awd_tsv_at_vit_b_scale() -> None:
+    """The plan asks the transform what it stores: AWD+TIES keeps one term, AWD+TSV-M ⌊768/8⌋ components."""
+    with torch.device("meta"):
+        entries = mm.targets.plan(torch.nn.Linear(768, 3072))  # shapes only
+    row = {name: {r["name"]: r for r in memory_plan(entries, with_awd(name), 8, 4)}["weight"]
+           for name in ("ties", "tsv", "task_arithmetic")}
+    assert row["ties"]["bytes"] == (1 + 1) * 3072 * 768 * 4  # B and one disjoint-mean term, not 8
+    assert row["task_arithmetic"]["bytes"] == (1 + 8) * 3072 * 768 * 4
+    assert row["tsv"]["rank"] == "96" and row["tsv"]["bytes"] == (3072 * 768 + 8 * 96 * (3072 + 768 + 1)) * 4
+
+
+@pytest.mark.parametrize("name", ["tsv", "awd+tsv"])
+def test_inspect_memory_where_tsv_keeps_no_component(name: str) -> None:
+    """TSV-M keeps int(k/T) components per task: none for a 2-output layer and 3 tasks, so B alone is stored."""
+    base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    finetuned = [perturbed(base, seed=s) for s in (1, 2, 3)]
+    method = _planned_method(name)
+    merged = mm.merge(base, finetuned, method)
+    rows = {r["name"]: r for r in memory_plan(mm.targets.plan(base), method, 3, 4)}
+    assert merged.merged_weights()["2.weight"].rank == 0 and rows["2.weight"]["rank"] == "0"
+    assert sum(r["bytes"] for r in rows.values()) == _stored_bytes(merged)
 
 
 def test_inspect_a_model_by_name(capsys: pytest.CaptureFixture) -> None:

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 from .awd import AWD
 from .base import Method, TaskVectorSource, Transform, UnknownMethodError
 from .ties import Ties
 from .tsv import TaskSingularVectors
 
-__all__ = ["Method", "Transform", "TaskVectorSource", "UnknownMethodError", "METHODS", "get_method", "register_method"]
+__all__ = [
+    "Method", "Transform", "TaskVectorSource", "UnknownMethodError", "METHODS", "get_method", "method_names",
+    "register_method", "with_awd",
+]
 
 CART_RANK = 0.08  # CART's γ: keep max(1, int(0.08·min(out, in))) components (papers/000, §4.3)
 
@@ -56,7 +59,7 @@ register_method(
 register_method(dataclasses.replace(METHODS["cart"], name="cart_released", rank=0.12, scaling=2.0))
 register_method(dataclasses.replace(METHODS["adarank_cart"], name="adarank_cart_released", mask_rank=0.16, scaling=2.3))
 # AWD (papers/003): TA and layer-wise AdaMerging on τ_i − δ; λ = 0.3 (first of the paper's grid, and its
-# AdaMerging init). Other methods compose: get_method("cart", transform=AWD()) or awd.with_awd("cart").
+# AdaMerging init). Other methods compose: get_method("cart", transform=AWD()) or with_awd("cart").
 register_method(Method("awd_ta", scaling=0.3, transform=AWD()), "awd_task_arithmetic")
 register_method(Method("awd_adamerging", coefficients="layer", scaling=0.3, transform=AWD()), "awd_adamerging_layerwise")
 
@@ -79,3 +82,18 @@ def get_method(method: str | Method, **options: Any) -> Method:
     if transform_options:
         options["transform"] = dataclasses.replace(method.transform, **transform_options)
     return method.with_options(**options) if options else method
+
+
+def with_awd(method: str | Method, **options: Any) -> Method:
+    """``method`` run on the disentangled task vectors: AWD first, then the method's own transform.
+
+    ``options`` are :class:`AWD` fields (``alpha``, ``steps``, ``lr``, ``scope``, ...). The method's
+    base decides what the task vectors are (θ_t − θ₀, or θ_t − θ_avg for CART).
+    """
+    method = get_method(method)
+    return dataclasses.replace(method, name=f"awd_{method.name}", transform=AWD(inner=method.transform, **options))
+
+
+def method_names(where: Callable[[Method], bool]) -> list[str]:
+    """The registered names (not aliases) of the methods for which ``where`` holds, in registration order."""
+    return list(dict.fromkeys(method.name for method in METHODS.values() if where(method)))

@@ -19,14 +19,14 @@ vectors this costs δ, its gradient and the optimizer's state: 4 floats per para
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -35,18 +35,10 @@ from tqdm.auto import tqdm
 from ..decompose import Factors
 from .base import TaskVectorSource, Transform
 
-if TYPE_CHECKING:
-    from .base import Method
-
-__all__ = [
-    "AWD", "FittedAWD", "ALPHA_GRID", "SCALING_GRID", "awd_loss", "awd_gradient", "cosine_matrix",
-    "learn_redundant_vector", "with_awd",
-]
+__all__ = ["AWD", "FittedAWD", "awd_loss", "awd_gradient", "cosine_matrix", "learn_redundant_vector"]
 
 logger = logging.getLogger(__name__)
 
-ALPHA_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # the paper's α grid (§7.3)
-SCALING_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the paper's λ grid for AWD-TA (§7.3)
 OPTIMIZERS = ("adam", "sgd")
 SCOPES = ("matrices", "all")
 
@@ -209,12 +201,26 @@ def learn_redundant_vector(
     return [d.view(tv.shape[1:]) for d, tv in zip(deltas, task_vectors)], history, before, after
 
 
+class _Composed(Transform):
+    """A transform that runs ``inner`` on its own task vectors: it stores what ``inner`` stores."""
+
+    inner: Transform
+
+    def stored_terms(self, tasks: int) -> int:
+        """``inner``'s terms per tensor."""
+        return self.inner.stored_terms(tasks)
+
+    def stored_rank(self, rank: int, tasks: int) -> int:
+        """``inner``'s components per term."""
+        return self.inner.stored_rank(rank, tasks)
+
+
 @dataclass(frozen=True)
-class AWD(Transform):
+class AWD(_Composed):
     """Learn the redundant vector δ (Eq. 14) in ``fit``; the fitted transform stores τ_i − δ.
 
     Attributes:
-        alpha: α, weight of ‖δ‖ (the paper tunes it over ``ALPHA_GRID``; 1e-4 is its middle).
+        alpha: α, weight of ‖δ‖ (the paper tunes it over {1e-2, …, 1e-6}, §7.3; 1e-4 is its middle).
         steps: optimizer steps (the paper's Table 5 uses 1000).
         lr: learning rate β. The paper does not state it; Adam moves each entry of δ by about ``lr``
             per step, so it is in the units of the task vectors' entries (the INFO log prints their
@@ -298,7 +304,7 @@ def _subtract(deltas: dict[str, Tensor], name: str, task_vectors: Tensor) -> Ten
 
 
 @dataclass(frozen=True, eq=False)
-class FittedAWD(Transform):
+class FittedAWD(_Composed):
     """AWD after ``fit``: stores τ_i − δ (then ``inner``'s terms) and keeps the diagnostics.
 
     Attributes:
@@ -336,45 +342,20 @@ class FittedAWD(Transform):
         return self.inner.factorize(terms, k, svd, svd_options)
 
     def plot_cosine(self, path: str | os.PathLike, task_names: Sequence[str] | None = None) -> Path:
-        """Write a PNG with the cosine heatmaps before and after AWD (as the paper's Fig. 4); returns the path."""
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError as err:  # matplotlib is the optional "plot" extra
-            raise ImportError("plot_cosine needs matplotlib: pip install 'mergemodules[plot]'") from err
-        T = self.cosine_before.shape[0]
-        labels = list(task_names) if task_names is not None else [f"task {t}" for t in range(T)]
-        if len(labels) != T:
-            raise ValueError(f"task_names has {len(labels)} names for {T} tasks")
-        figure = Figure(figsize=(4.5 * 2 + 1.5, 4.2 + 0.25 * T), layout="constrained")
-        FigureCanvasAgg(figure)
-        limit = max(float(_off_diagonal(self.cosine_before).abs().max()), 1e-12)
-        axes = figure.subplots(1, 2, sharey=True)
-        panels = (("task vectors", self.cosine_before), (f"AWD (‖δ‖ = {self.delta_norm:.3g})", self.cosine_after))
-        for ax, (title, matrix) in zip(axes, panels):
-            values = matrix.detach().cpu().double().numpy()
-            image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)
-            for i in range(T):
-                for j in range(T):
-                    colour = "white" if abs(values[i, j]) > 0.6 * limit else "black"
-                    ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
-            ax.set_title(f"{title}\nmean |cos| = {float(_off_diagonal(matrix).abs().mean()):.3f}")
-            ax.set_xticks(range(T), labels, rotation=90)
-        axes[0].set_yticks(range(T), labels)
-        figure.colorbar(image, ax=list(axes), shrink=0.8, label="cosine similarity")
-        from ..io import atomic_write  # io imports the methods: import it when used
+        """Deprecated (removed in 0.2): use ``mergemodules.plotting.plot_awd_cosine(fitted, path, task_names)``."""
+        warnings.warn("FittedAWD.plot_cosine is deprecated: use mergemodules.plotting.plot_awd_cosine",
+                      DeprecationWarning, stacklevel=2)
+        from ..plotting import plot_awd_cosine  # deprecated shim: the only import of a higher floor
 
-        return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+        return plot_awd_cosine(self, path, task_names)
 
 
-def with_awd(method: "str | Method", **options: object) -> "Method":
-    """``method`` run on the disentangled task vectors: AWD first, then the method's own transform.
+def __getattr__(name: str) -> Any:
+    """Deprecated (removed in 0.2): ``with_awd`` moved to ``mergemodules.methods``, next to the registry."""
+    if name != "with_awd":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn("mergemodules.methods.awd.with_awd is deprecated: import it from mergemodules.methods",
+                  DeprecationWarning, stacklevel=2)
+    from . import with_awd  # deprecated shim: the registry imports this module first
 
-    ``options`` are :class:`AWD` fields (``alpha``, ``steps``, ``lr``, ``scope``, ...). The method's
-    base decides what the task vectors are (θ_t − θ₀, or θ_t − θ_avg for CART).
-    """
-    from . import get_method
-
-    method = get_method(method)
-    awd = AWD(inner=method.transform, **options)
-    return dataclasses.replace(method, name=f"awd_{method.name}", transform=awd)
+    return with_awd

@@ -34,8 +34,17 @@ class Transform:
     ``fit`` sees every task vector once before anything is built (TIES's magnitude thresholds,
     AWD's redundant vector) and returns the transform to use; ``vectors`` maps one tensor's
     stacked task vectors (T, *shape) to its stored terms (T', *shape); ``factorize`` turns one
-    matrix's terms (T', out, in) into k-component factors.
+    matrix's terms (T', out, in) into k-component factors. ``stored_terms`` and ``stored_rank`` state
+    T' and the components per term without computing them (``inspect``'s memory plan asks them).
     """
+
+    def stored_terms(self, tasks: int) -> int:
+        """How many terms ``vectors`` stores per tensor for ``tasks`` task vectors: one per task."""
+        return tasks
+
+    def stored_rank(self, rank: int, tasks: int) -> int:
+        """How many components ``factorize`` keeps per term when asked for ``rank``: all of them."""
+        return rank
 
     def fit(self, source: TaskVectorSource) -> "Transform":
         """Gather global statistics; the identity needs none."""
@@ -116,9 +125,9 @@ class Method:
             raise ValueError(f"scaling={self.scaling!r} must be a number")
 
     @property
-    def has_task_terms(self) -> bool:
-        """Whether any tensor carries λ-weighted task terms."""
-        return self.matrices != "none" or self.dense
+    def is_adaptive(self) -> bool:
+        """Whether the method learns its coefficients or masks by test-time adaptation (per task/layer λ, or ℓ)."""
+        return self.coefficients != "global" or self.masks
 
     def with_options(self, **options: Any) -> "Method":
         """A copy with some fields replaced; an unknown option is an error naming it."""

@@ -59,6 +59,10 @@ class Ties(Transform):
         if self.scope not in SCOPES:
             raise ValueError(f"scope={self.scope!r}: expected one of {SCOPES}")
 
+    def stored_terms(self, tasks: int) -> int:
+        """One term per tensor: the disjoint mean of all tasks."""
+        return 1
+
     def _kept(self, total: int) -> int:
         """Entries kept per task over the model: the reference's int(density·N) + 1 (all at density 1)."""
         return total if self.density == 1.0 else int(self.density * total) + 1

@@ -33,10 +33,14 @@ class TaskSingularVectors(Transform):
         """Matrices pass through to ``factorize``; other tensors become τ_t / T."""
         return task_vectors if is_matrix else task_vectors / task_vectors.shape[0]
 
+    def stored_rank(self, rank: int, tasks: int) -> int:
+        """``int(rank·(1/T))`` components per task, in floating point as the authors' code (0 where rank < T)."""
+        return int(rank * (1.0 / tasks))
+
     def factorize(self, terms: Tensor, k: int, svd: str = "exact", svd_options: Mapping[str, Any] | None = None) -> Factors:
         """Per-task top-``int(k·(1/T))`` SVD, then orthogonalise the stacked U and V of all tasks."""
         T, out, inp = terms.shape
-        per_task = int(k * (1.0 / T))
+        per_task = self.stored_rank(k, T)
         U, S, V = truncated_svd(terms, per_task, method=svd, **(svd_options or {}))
         if per_task == 0:
             return Factors(U, S, V)

@@ -172,6 +172,25 @@ def test_adarank_ta_starts_at_dense_task_arithmetic_up_to_rounding(setting):
             assert_close_to_scale(w(), ta.merged_tensors()[name](), 1e-5)
 
 
+def test_is_adaptive_follows_the_settings_not_the_name():
+    assert [name for name in ADAPTIVE if mm.get_method(name).is_adaptive] == ADAPTIVE
+    static = ["weight_averaging", "task_arithmetic", "ties", "tsv", "cart", "task_vector_svd", "awd_ta"]
+    assert not any(mm.get_method(name).is_adaptive for name in static)
+    assert mm.get_method("awd_adamerging").is_adaptive and mm.methods.with_awd("adarank_cart").is_adaptive
+    assert mm.get_method("task_arithmetic", coefficients="task").is_adaptive
+    assert mm.Method("m", matrices="svd", masks=True).is_adaptive
+
+
+def test_adapt_without_learnables_names_the_registered_adaptive_methods(setting, monkeypatch):
+    monkeypatch.setitem(mm.METHODS, "my_adaptive", mm.Method("my_adaptive", coefficients="task"))
+    with pytest.raises(ValueError) as error:
+        mm.adapt(mm.merge(*setting, "weight_averaging"), tasks(), steps=1)
+    assert str(error.value) == (
+        "merged has no trainable parameters: merge with an adaptive method (adamerging_taskwise, "
+        "adamerging_layerwise, cart_pp, adarank_ta, adarank_cart, adarank_cart_released, awd_adamerging, my_adaptive)"
+    )
+
+
 # ------------------------------------------------------------------------------------ adaptation
 
 

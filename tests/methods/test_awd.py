@@ -13,10 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mergemodules import get_method, merge
-from mergemodules.methods import Ties
-from mergemodules.methods.awd import (
-    AWD, FittedAWD, awd_gradient, awd_loss, cosine_matrix, learn_redundant_vector, with_awd,
-)
+from mergemodules import methods
+from mergemodules.methods import Ties, with_awd
+from mergemodules.methods.awd import AWD, FittedAWD, awd_gradient, awd_loss, cosine_matrix, learn_redundant_vector
 
 
 def overlapping(T: int, shapes: list[tuple[int, ...]], shared: float = 1.0, specific: float = 1.0, seed: int = 0,
@@ -307,16 +306,19 @@ def test_with_awd_fits_the_inner_transform_on_the_disentangled_vectors(models) -
     torch.testing.assert_close(fitted.vectors(name, tvs[name], True), ties.vectors(name, disentangled[name], True))
 
 
-def test_cosine_heatmap_png(models, tmp_path) -> None:
-    model, finetuned = models
-    fitted = merge(model, finetuned, "awd_ta", **AWD_OPTIONS).transform
-    path = fitted.plot_cosine(tmp_path / "cosine.png", task_names=["a", "b", "c", "d"])
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["cosine.png"]  # no temporary file left
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        fitted.plot_cosine(tmp_path / "missing" / "cosine.png")
-    with pytest.raises(ValueError, match="task_names"):
-        fitted.plot_cosine(tmp_path / "x.png", task_names=["a"])
+def test_deprecated_with_awd_path_is_the_registry_one() -> None:
+    from mergemodules.methods import awd
+
+    with pytest.warns(DeprecationWarning, match="import it from mergemodules.methods"):
+        assert awd.with_awd is methods.with_awd
+    with pytest.raises(AttributeError, match="has no attribute 'ALPHA_GRID'"):  # dead code out (#13)
+        awd.ALPHA_GRID  # noqa: B018
+
+
+def test_awd_states_what_its_inner_transform_stores() -> None:
+    assert with_awd("ties").transform.stored_terms(8) == 1 and with_awd("ties").transform.stored_rank(96, 8) == 96
+    assert with_awd("tsv").transform.stored_terms(8) == 8 and with_awd("tsv").transform.stored_rank(768, 8) == 96
+    assert with_awd("cart").transform.stored_rank(61, 8) == 61
 
 
 def test_awd_adarank_factorises_the_disentangled_vectors(models) -> None:
