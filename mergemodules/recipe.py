@@ -481,15 +481,17 @@ def _check_ranks(recipe: Recipe, entries: list[Entry]) -> None:
     if method.matrices != "svd":
         return
     for entry in entries:
-        if not (entry.merged and method_layout(entry, method.matrix_set) is not None):
+        layout = method_layout(entry, method.matrix_set)
+        if not (entry.merged and layout is not None):
             continue
+        shape = layout.matrix_shape(entry.shape)
         try:
-            kept = resolve_rank(method.rank, entry.shape, "rank")
+            kept = resolve_rank(method.rank, shape, "rank")
         except (TypeError, ValueError) as err:
             raise recipe.error(("options", "rank"), f"{err} ({entry.name!r})") from None
         if method.masks and method.mask_rank is not None:
             try:
-                on = resolve_rank(method.mask_rank, entry.shape, "mask_rank")
+                on = resolve_rank(method.mask_rank, shape, "mask_rank")
             except (TypeError, ValueError) as err:
                 raise recipe.error(("options", "mask_rank"), f"{err} ({entry.name!r})") from None
             if on > kept:
