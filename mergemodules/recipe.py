@@ -394,7 +394,7 @@ class _Parser:
             raise self.error(("device",), f"{device!r} requested but CUDA is not available")
         matrices = doc.get("matrices")
         if matrices is not None:
-            self.typed(matrices, ("matrices",), dict, "a mapping {glob: 'out_in' | 'in_out'}")
+            self.typed(matrices, ("matrices",), dict, "a mapping {glob: 'out_in' | 'in_out' | 'out_in_kernel'}")
         output = doc.get("output")
         max_shard_size = None if doc.get("max_shard_size") is None else self.shard_size(doc["max_shard_size"], model)
         return Recipe(

@@ -200,7 +200,8 @@ def merge(
         targets: which parameters are merged (regex string, or list of globs / module-name
             suffixes as PEFT's ``target_modules``); default all. The rest keep pretrained values.
         exclude: parameters kept at their pretrained value (e.g. ``["head"]``), same syntax.
-        matrices: extra 2-D parameters to merge as matrices, ``{glob: "out_in" | "in_out"}``.
+        matrices: extra parameters to merge as matrices, ``{glob: "out_in" | "in_out" | "out_in_kernel"}``
+            (the last for convolution kernels, e.g. ``{"*": "out_in_kernel"}``; README, "Which tensors ...").
         progress: show a progress bar.
         copy: the merged model owns its tensors (True, default: a pretrained tensor it keeps as is —
             B of a θ₀-based method, an excluded tensor — is copied once). With False these share
