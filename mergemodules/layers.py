@@ -253,6 +253,7 @@ class MergedWeight(_Merged):
 
     @property
     def parameter_shape(self) -> tuple[int, ...]:
+        """The shape of the parameter: (out, in), (in, out) or (out, in, *kernel) by the layout."""
         return self._parameter_shape
 
     @property
@@ -381,6 +382,9 @@ class MergedLayer(nn.Module):
             raise TypeError(f"original: {name} replaces an {self.replaces.__name__}, got {type(original).__name__}")
         if weight.layout is not self.layout:
             raise ValueError(f"weight: {name} needs a weight in layout {self.layout}, got {weight.layout}")
+        own = getattr(original, "weight", None)
+        if isinstance(own, Tensor) and tuple(own.shape) != weight.parameter_shape:
+            raise ValueError(f"weight: shape {weight.parameter_shape} differs from the original layer's {tuple(own.shape)}")
         if bias is not None and bias.parameter_shape != (weight.out_features,):
             raise ValueError(f"bias: expected shape ({weight.out_features},), got {bias.parameter_shape}")
         self.weight_merge = weight

@@ -139,6 +139,8 @@ def test_bad_inputs_name_the_argument():
         MergedConv2d(MergedWeight(torch.randn(6, 36)), None, original=conv)
     with pytest.raises(TypeError, match="original: MergedConv2d replaces an Conv2d, got Linear"):
         MergedConv2d(weight, None, original=nn.Linear(36, 6))
+    with pytest.raises(ValueError, match=r"weight: shape \(6, 4, 3, 3\) differs from the original layer's \(6, 4, 5, 5\)"):
+        MergedConv2d(weight, None, original=nn.Conv2d(4, 6, 5))
     with pytest.raises(ValueError, match=r"bias: expected shape \(6,\), got \(5,\)"):
         MergedConv2d(weight, MergedTensor(torch.zeros(5)), original=conv)
     with pytest.raises(ValueError, match="weight: MergedLinear needs a weight in layout out_in, got out_in_kernel"):

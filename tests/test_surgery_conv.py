@@ -206,3 +206,36 @@ def test_merge_state_with_a_bad_kernel_shape_is_an_error(tmp_path, shape, messag
     save_file(tensors, str(path), metadata={mm.io.FORMAT: json.dumps(header)})
     with pytest.raises(ValueError, match=message):
         mm.io.load_merge_state(base, path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("path", ["low_rank", "materialize"])
+def test_conv_matrices_on_a_gpu_equal_the_cpu(path):
+    base, tuned = zoo(tasks=2)
+    merged = mm.merge(base, tuned, "adarank_cart", matrices=CONVS).eval()
+    for weight in merged.merged_weights().values():
+        weight.path = path
+    x = inputs()
+    with torch.no_grad():
+        expected = merged(x)
+        merged.to("cuda")
+        assert_close_to_scale(merged(x.cuda()).cpu(), expected)
+        fused = merged.fuse()
+    assert {p.device.type for p in fused.parameters()} == {"cuda"}
+    with torch.no_grad():
+        assert_close_to_scale(fused(x.cuda()).cpu(), expected)
+
+
+@pytest.mark.parametrize("method", ["tsv", "ties", "awd_ta", "adarank_ta", "cart_pp"])
+def test_every_method_fuses_conv_matrices_exactly(method):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2), nn.Flatten()).eval()
+    tuned = [perturbed(base, seed=s) for s in (1, 2, 3)]
+    merged = mm.merge(base, tuned, method, matrices=CONVS).eval()
+    assert [type(m) for m in merged.model] == [MergedConv2d, nn.ReLU, MergedConv2d, nn.Flatten]
+    assert all(w.layout is Layout.OUT_IN_KERNEL for w in merged.merged_weights().values())
+    with torch.no_grad():
+        for p in merged.parameters():
+            p.add_(0.1)
+        x = inputs()[:, :, :9, :9]
+        assert_close_to_scale(merged.fuse()(x), merged(x))
