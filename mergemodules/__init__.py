@@ -1,6 +1,7 @@
 """mergemodules: model merging as one differentiable layer (see README.md and DESIGN.md)."""
 from .decompose import Factors, resolve_rank, truncated_svd
-from .layers import MergedLinear, MergedTensor, MergedWeight, straight_through_mask, weight_cache
+from .layers import MergedConv2d, MergedLinear, MergedTensor, MergedWeight, straight_through_mask, weight_cache
+from .layouts import Layout
 from .methods import METHODS, Method, Transform, UnknownMethodError, get_method, register_method
 from .surgery import MergedModel, merge
 from .masks import hard_masks, mask_summary
@@ -9,7 +10,7 @@ from .tta import Task, adapt, entropy, evaluate
 
 __all__ = [
     "Factors", "resolve_rank", "truncated_svd",
-    "MergedLinear", "MergedTensor", "MergedWeight", "straight_through_mask", "weight_cache",
+    "MergedConv2d", "MergedLinear", "MergedTensor", "MergedWeight", "straight_through_mask", "weight_cache", "Layout",
     "METHODS", "Method", "Transform", "UnknownMethodError", "get_method", "register_method",
     "MergedModel", "merge",
     "hard_masks", "mask_summary", "plot_masks",

@@ -219,9 +219,7 @@ def _build_one(
         return MergedTensor(base.to(dtype), deltas, coefficients(deltas.shape[0], base))
     if not with_term:
         return MergedWeight(base.to(dtype), layout=layout)
-    terms = transform.vectors(entry.name, task_vectors, True)
-    if layout == "in_out":
-        terms = terms.transpose(1, 2)
+    terms = layout.to_matrix(transform.vectors(entry.name, task_vectors, True), batch=1)
     coef = coefficients(terms.shape[0], base)
     if method.matrices == "dense":
         return MergedWeight(base.to(dtype), deltas=terms, coef=coef, layout=layout)

@@ -438,11 +438,13 @@ def memory_plan(entries: Sequence[Entry], method: Method, T: int, bytes_per: int
     for e in entries:
         numel = int(torch.Size(e.shape).numel())
         kind, rank, extra = "kept", "", 0
-        is_matrix = method_layout(e, method.matrix_set) is not None  # the method's matrix set, not the rule's
+        layout = method_layout(e, method.matrix_set)  # the method's matrix set, not the rule's
+        is_matrix = layout is not None
         if e.merged and is_matrix and method.matrices != "none":
-            terms, k = _stored(method, T, e.shape)
+            matrix = layout.matrix_shape(e.shape)
+            terms, k = _stored(method, T, matrix)
             kind, rank = ("matrix, low-rank", str(k)) if k is not None else ("matrix, dense", "full")
-            extra = terms * (numel if k is None else k * (sum(e.shape) + 1))
+            extra = terms * (numel if k is None else k * (sum(matrix) + 1))
         elif e.merged and is_matrix:
             kind = "matrix, base only"
         elif e.merged and method.dense:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .build import persistent_buffers
 from .files import new_temp, remove_stale_temps
 from .layers import MergedTensor, MergedWeight, _Merged, check_finite
+from .layouts import Layout
 from .methods import Method
 from .surgery import MergedModel, install
 from .targets import plan
@@ -90,12 +91,6 @@ def _module_tensors(merged: _Merged) -> dict[str, Tensor]:
     return tensors
 
 
-def _parameter_shape(merged: _Merged) -> tuple[int, ...]:
-    """The shape of the parameter ``merged`` stands for, without evaluating it."""
-    shape = tuple(merged.base.shape)
-    return shape[::-1] if getattr(merged, "layout", "out_in") == "in_out" else shape
-
-
 def save_merge_state(merged: MergedModel, path: str | os.PathLike) -> Path:
     """Save all a merged model needs (B, Δ or U/σ/V, λ, ℓ, buffers) to rebuild it without the checkpoints."""
     if not isinstance(merged, MergedModel):
@@ -106,7 +101,7 @@ def save_merge_state(merged: MergedModel, path: str | os.PathLike) -> Path:
     for name, module in merged.merged_tensors().items():
         info: dict = {"kind": "weight" if isinstance(module, MergedWeight) else "tensor"}
         if isinstance(module, MergedWeight):
-            info.update(layout=module.layout, temperature=module.temperature)
+            info.update(layout=module.layout.value, shape=list(module.parameter_shape), temperature=module.temperature)
         if module.coef is not None:
             group = groups.setdefault(id(module.coef), f"coef{len(groups)}")
             tensors[f"{group}{_SEP}coef"] = module.coef.detach()
@@ -168,8 +163,12 @@ def _check_header(path: Path, header: object, tensors: dict[str, Tensor]) -> Non
             raise _metadata_error(path, key, f"expected {{'kind': 'weight' | 'tensor', ...}}, got {info!r}")
         if f"{name}{_SEP}base" not in tensors:
             raise _metadata_error(path, key, f"the file holds no tensor {name}{_SEP}base")
-        if info["kind"] == "weight" and info.get("layout") not in ("out_in", "in_out"):
-            raise _metadata_error(path, f"{key}['layout']", f"expected out_in or in_out, got {info.get('layout')!r}")
+        if info["kind"] == "weight" and info.get("layout") not in [x.value for x in Layout]:
+            raise _metadata_error(path, f"{key}['layout']", f"expected one of {[str(x) for x in Layout]}, "
+                                                              f"got {info.get('layout')!r}")
+        shape = info.get("shape")
+        if shape is not None and not (isinstance(shape, list) and all(type(n) is int and n > 0 for n in shape)):
+            raise _metadata_error(path, f"{key}['shape']", f"expected a list of positive integers, got {shape!r}")
         if info["kind"] == "weight" and not isinstance(info.get("temperature"), (int, float)):
             raise _metadata_error(path, f"{key}['temperature']", f"expected a number, got {info.get('temperature')!r}")
         if "coef" in info and f"{info['coef']}{_SEP}coef" not in tensors:
@@ -184,7 +183,7 @@ def _rebuild(name: str, info: dict, tensors: dict[str, Tensor], coefs: dict[str,
     coef = coefs[info["coef"]] if "coef" in info else None
     if info["kind"] == "tensor":
         return MergedTensor(own["base"], own.get("deltas"), coef)
-    base = own["base"] if info["layout"] == "out_in" else own["base"].t()
+    base = Layout(info["layout"]).from_matrix(own["base"], info.get("shape"))  # older files: 2-D layouts, no shape
     logits = own.get("mask_logits")
     return MergedWeight(
         base, U=own.get("U"), S=own.get("S"), V=own.get("V"), deltas=own.get("deltas"), coef=coef,
@@ -233,8 +232,8 @@ def load_merge_state(model: nn.Module, path: str | os.PathLike) -> MergedModel:
             module = _rebuild(entry.name, header["tensors"][entry.name], tensors, coefs)
         except (ValueError, TypeError) as err:
             raise ValueError(f"{str(path)!r}: tensor {entry.name!r}: {err}") from err
-        if _parameter_shape(module) != entry.shape:
-            raise ValueError(f"{str(path)!r}: tensor {entry.name!r} has shape {_parameter_shape(module)}, the model {entry.shape}")
+        if module.parameter_shape != entry.shape:
+            raise ValueError(f"{str(path)!r}: tensor {entry.name!r} has shape {module.parameter_shape}, the model {entry.shape}")
         entry.layout = getattr(module, "layout", None)
         merged[entry.name] = module
     try:

@@ -5,9 +5,12 @@
     W(λ, m) = B + Σ_t λ_t · U_t · diag(m_t ⊙ σ_t) · V_tᵀ          (low-rank task term)
     W(λ)    = B + Σ_t λ_t · Δ_t                                      (dense task term)
 
-``MergedTensor`` computes any other tensor densely, ``b(λ) = b_B + Σ_t λ_t · Δ_t``.
-``MergedLinear`` is an ``nn.Linear`` whose weight and bias are merged; it picks, per call, the
-cheaper of materialising W or applying the factors to the input (low-rank path).
+``MergedTensor`` computes any other tensor densely, ``b(λ) = b_B + Σ_t λ_t · Δ_t``. A weight of
+any shape is a matrix through its :class:`~mergemodules.layouts.Layout` (a convolution kernel
+(out, in, kh, kw) is the (out, in·kh·kw) matrix).
+``MergedLinear`` and ``MergedConv2d`` are an ``nn.Linear`` / ``nn.Conv2d`` whose weight and bias are
+merged; each picks, per call, the cheaper of materialising W or applying the factors to the input
+(low-rank path).
 
 Only λ (``coef``) and the mask logits ℓ are parameters; B, Δ and the factors are buffers.
 λ may be a scalar (one global coefficient) or a vector of length T, and the same Parameter
@@ -25,7 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MergedTensor", "MergedWeight", "MergedLinear", "check_finite", "straight_through_mask", "weight_cache"]
+from .layouts import Layout, parse_layout
+
+__all__ = [
+    "MergedTensor", "MergedWeight", "MergedLayer", "MergedLinear", "MergedConv2d", "check_finite",
+    "straight_through_mask", "weight_cache",
+]
 
 _cache: dict[int, Tensor] | None = None
 
@@ -114,6 +122,11 @@ class _Merged(nn.Module):
         """Number of task terms T (0 when the tensor is the base alone)."""
         raise NotImplementedError
 
+    @property
+    def parameter_shape(self) -> tuple[int, ...]:
+        """The shape of the parameter this module computes, known without evaluating it."""
+        return tuple(self.base.shape)
+
     def _check_coef(self) -> None:
         T = self.num_tasks
         if T and self.coef is None:
@@ -164,11 +177,12 @@ class MergedTensor(_Merged):
 
 
 class MergedWeight(_Merged):
-    """A merged 2-D weight, stored canonically as (out, in).
+    """A merged weight, stored canonically as the (out, in) matrix of its layout.
 
     Args:
-        base: B, shape (out, in) in ``layout="out_in"`` or (in, out) in ``layout="in_out"``
-            (Hugging Face ``Conv1D``, open_clip's ``proj``); ``forward()`` returns that layout.
+        base: B in the parameter's shape: (out, in) in ``layout="out_in"``, (in, out) in ``layout="in_out"``
+            (Hugging Face ``Conv1D``, open_clip's ``proj``), (out, in, *kernel) in ``layout="out_in_kernel"``
+            (convolutions); ``forward()`` returns that shape.
         U, S, V: stacked truncated SVD factors of the task vectors, (T, out, k), (T, k), (T, in, k).
         deltas: dense task vectors (T, out, in) instead of factors.
         coef: λ, a scalar or (T,) Parameter (may be shared between layers).
@@ -187,15 +201,14 @@ class MergedWeight(_Merged):
         coef: nn.Parameter | None = None,
         mask_logits: nn.Parameter | None = None,
         temperature: float = 10.0,
-        layout: str = "out_in",
+        layout: str | Layout = Layout.OUT_IN,
     ) -> None:
-        if base.dim() != 2:
-            raise ValueError(f"base: a merged weight must be 2-D, got shape {tuple(base.shape)}")
-        if layout not in ("out_in", "in_out"):
-            raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
-        canonical = base if layout == "out_in" else base.t()
-        super().__init__(canonical.contiguous(), coef)
+        layout = parse_layout(layout, "layout")
+        if not layout.fits(base.dim()):
+            raise ValueError(f"base: a merged weight in layout {layout} cannot have shape {tuple(base.shape)}")
+        super().__init__(layout.to_matrix(base).contiguous(), coef)
         self.layout = layout
+        self._parameter_shape = tuple(base.shape)
         self.temperature = float(temperature)
         if not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a finite positive number, got {temperature}")
@@ -237,6 +250,11 @@ class MergedWeight(_Merged):
     def in_features(self) -> int:
         """Columns of the canonical (out, in) weight."""
         return self.base.shape[1]
+
+    @property
+    def parameter_shape(self) -> tuple[int, ...]:
+        """The shape of the parameter: (out, in), (in, out) or (out, in, *kernel) by the layout."""
+        return self._parameter_shape
 
     @property
     def num_tasks(self) -> int:
@@ -288,7 +306,11 @@ class MergedWeight(_Merged):
             weight = self._factor_sum(self.base)
         else:
             weight = self.base if self.num_tasks == 0 else self.base + self.delta_weight()
-        return weight if self.layout == "out_in" else weight.t()
+        return self.layout.from_matrix(weight, self._parameter_shape)
+
+    def matrix(self) -> Tensor:
+        """The merged weight as its canonical (out, in) matrix (computed once per :func:`weight_cache` block)."""
+        return self.layout.to_matrix(self())
 
     def use_low_rank(self, tokens: int) -> bool:
         """Whether ``x @ Wᵀ`` for ``tokens`` rows is cheaper through the factors than by materialising W.
@@ -309,8 +331,7 @@ class MergedWeight(_Merged):
         """``x @ Wᵀ + bias`` for the canonical weight, by the cheaper path."""
         tokens = x.numel() // max(x.shape[-1], 1)
         if not self.use_low_rank(tokens):
-            weight = self()
-            return F.linear(x, weight if self.layout == "out_in" else weight.t(), bias)
+            return F.linear(x, self.matrix(), bias)
         U, V = self._concatenated()
         return F.linear(x, self.base, bias) + ((x @ V) * self._component_scales()) @ U.t()
 
@@ -341,28 +362,47 @@ class _FactorSum(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), grad_scales, None, None
 
 
-class MergedLinear(nn.Module):
-    """An ``nn.Linear`` with a merged weight (and bias): a drop-in replacement that reads like one.
+class MergedLayer(nn.Module):
+    """A layer whose weight (and bias) are merged: a drop-in replacement for the plain layer it was made from.
 
-    ``.weight`` and ``.bias`` are ordinary tensors (``nn.MultiheadAttention`` reads
-    ``out_proj.weight`` directly); ``forward`` picks the materialised or low-rank path per call;
-    ``fuse()`` returns the plain layer of the original class with the merged values.
+    ``.weight`` and ``.bias`` are ordinary tensors (code may read them directly, as
+    ``nn.MultiheadAttention`` reads ``out_proj.weight``); the original layer's other attributes
+    (``in_features``, ``stride``, ...) are read from a parameter-free copy of it; ``fuse()`` returns
+    the plain layer of the original class with the merged values. A subclass names the plain class it
+    ``replaces`` and the ``layout`` of its weight, and runs ``forward`` by the cheaper path.
     """
 
-    def __init__(self, weight: MergedWeight, bias: MergedTensor | None = None, original: nn.Linear | None = None) -> None:
+    replaces: type[nn.Module]
+    layout: Layout
+
+    def __init__(self, weight: MergedWeight, bias: MergedTensor | None, original: nn.Module) -> None:
         super().__init__()
-        if weight.layout != "out_in":
-            raise ValueError("weight: MergedLinear needs an (out, in) weight")
-        if bias is not None and bias.base.shape != (weight.out_features,):
-            raise ValueError(f"bias: expected shape ({weight.out_features},), got {tuple(bias.base.shape)}")
+        name = type(self).__name__
+        if not isinstance(original, self.replaces):
+            raise TypeError(f"original: {name} replaces an {self.replaces.__name__}, got {type(original).__name__}")
+        if weight.layout is not self.layout:
+            raise ValueError(f"weight: {name} needs a weight in layout {self.layout}, got {weight.layout}")
+        own = getattr(original, "weight", None)
+        if isinstance(own, Tensor) and tuple(own.shape) != weight.parameter_shape:
+            raise ValueError(f"weight: shape {weight.parameter_shape} differs from the original layer's {tuple(own.shape)}")
+        if bias is not None and bias.parameter_shape != (weight.out_features,):
+            raise ValueError(f"bias: expected shape ({weight.out_features},), got {bias.parameter_shape}")
         self.weight_merge = weight
         self.bias_merge = bias
-        shell = original if original is not None else nn.Linear(1, 1, bias=False, device="meta")
-        self.__dict__["_shell"] = _empty_shell(shell)
+        self.__dict__["_shell"] = _empty_shell(original)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            shell = self.__dict__.get("_shell")
+            if shell is None or name in ("weight", "bias"):
+                raise
+            return getattr(shell, name)
 
     @property
     def weight(self) -> Tensor:
-        """The merged weight (out, in)."""
+        """The merged weight, in the parameter's shape."""
         return self.weight_merge()
 
     @property
@@ -370,38 +410,68 @@ class MergedLinear(nn.Module):
         """The merged bias, or None."""
         return None if self.bias_merge is None else self.bias_merge()
 
-    @property
-    def in_features(self) -> int:
-        """Input features, as ``nn.Linear``."""
-        return self.weight_merge.in_features
-
-    @property
-    def out_features(self) -> int:
-        """Output features, as ``nn.Linear``."""
-        return self.weight_merge.out_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x @ Wᵀ + b`` with the merged weight."""
-        return self.weight_merge.linear(x, self.bias)
-
     @torch.no_grad()
-    def fuse(self) -> nn.Linear:
+    def fuse(self) -> nn.Module:
         """A plain layer of the original class holding the current merged weight and bias (checked finite)."""
         weight = check_finite(self.weight.detach().clone(), "the fused weight")
         bias = None if self.bias_merge is None else check_finite(self.bias.detach().clone(), "the fused bias")
         return self.fuse_with(nn.Parameter(weight), None if bias is None else nn.Parameter(bias))
 
-    def fuse_with(self, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+    def fuse_with(self, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module:
         """A plain layer of the original class holding the given weight and bias, in this layer's train/eval mode."""
         layer = copy.deepcopy(self._shell)
-        layer.in_features, layer.out_features = self.in_features, self.out_features
         layer.weight, layer.bias = weight, bias
         layer.training = self.training
         return layer
 
     def extra_repr(self) -> str:
-        w = self.weight_merge
-        return f"in_features={self.in_features}, out_features={self.out_features}, tasks={w.num_tasks}, rank={w.rank}"
+        return f"tasks={self.weight_merge.num_tasks}, rank={self.weight_merge.rank}"
+
+
+class MergedLinear(MergedLayer):
+    """An ``nn.Linear`` with a merged weight (and bias); ``forward`` picks the materialised or low-rank path per call."""
+
+    replaces = nn.Linear
+    layout = Layout.OUT_IN
+
+    def __init__(self, weight: MergedWeight, bias: MergedTensor | None = None, original: nn.Linear | None = None) -> None:
+        if original is None:
+            original = nn.Linear(weight.in_features, weight.out_features, bias=bias is not None, device="meta")
+        super().__init__(weight, bias, original)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ Wᵀ + b`` with the merged weight."""
+        return self.weight_merge.linear(x, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
+
+
+class MergedConv2d(MergedLayer):
+    """An ``nn.Conv2d`` with a merged kernel (and bias), its (out, in/groups·kh·kw) matrix merged.
+
+    The low-rank path convolves the input with the T·k right factors (a convolution with T·k output
+    channels and the layer's stride, padding, dilation and padding mode), then mixes them with
+    U·diag(λ·m·σ) as a 1×1 convolution, and adds the convolution with B; it is taken for fewer than
+    out·in·kh·kw/(out + in·kh·kw) output pixels (about N·H·W/stride²), as :meth:`MergedWeight.use_low_rank`.
+    A grouped convolution (``groups > 1``) always materialises the kernel.
+    """
+
+    replaces = nn.Conv2d
+    layout = Layout.OUT_IN_KERNEL
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The convolution of ``x`` with the merged kernel and bias."""
+        conv, weight = self._shell, self.weight_merge
+        pixels = x.numel() // max(x.shape[-3], 1) // math.prod(conv.stride)
+        if conv.groups != 1 or not weight.use_low_rank(pixels):
+            return conv._conv_forward(x, self.weight, self.bias)
+        shape = weight.parameter_shape
+        U, V = weight._concatenated()
+        down = V.t().reshape(-1, *shape[1:])  # (T·k, in, kh, kw)
+        up = (U * weight._component_scales())[:, :, None, None]  # (out, T·k, 1, 1)
+        base = weight.layout.from_matrix(weight.base, shape)
+        return conv._conv_forward(x, base, self.bias) + F.conv2d(conv._conv_forward(x, down, None), up)
 
 
 def _empty_shell(module: nn.Module) -> nn.Module:

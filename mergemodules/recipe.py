@@ -411,7 +411,7 @@ class _Parser:
             raise self.error(("device",), f"{device!r} requested but CUDA is not available")
         matrices = doc.get("matrices")
         if matrices is not None:
-            self.typed(matrices, ("matrices",), dict, "a mapping {glob: 'out_in' | 'in_out'}")
+            self.typed(matrices, ("matrices",), dict, "a mapping {glob: 'out_in' | 'in_out' | 'out_in_kernel'}")
         output = doc.get("output")
         max_shard_size = None if doc.get("max_shard_size") is None else self.shard_size(doc["max_shard_size"], model)
         return Recipe(
@@ -498,15 +498,17 @@ def _check_ranks(recipe: Recipe, entries: list[Entry]) -> None:
     if method.matrices != "svd":
         return
     for entry in entries:
-        if not (entry.merged and method_layout(entry, method.matrix_set) is not None):
+        layout = method_layout(entry, method.matrix_set)
+        if not (entry.merged and layout is not None):
             continue
+        shape = layout.matrix_shape(entry.shape)
         try:
-            kept = resolve_rank(method.rank, entry.shape, "rank")
+            kept = resolve_rank(method.rank, shape, "rank")
         except (TypeError, ValueError) as err:
             raise recipe.error(("options", "rank"), f"{err} ({entry.name!r})") from None
         if method.masks and method.mask_rank is not None:
             try:
-                on = resolve_rank(method.mask_rank, entry.shape, "mask_rank")
+                on = resolve_rank(method.mask_rank, shape, "mask_rank")
             except (TypeError, ValueError) as err:
                 raise recipe.error(("options", "mask_rank"), f"{err} ({entry.name!r})") from None
             if on > kept:

@@ -1,6 +1,7 @@
 """Model surgery: turn any model into a merged model, and fuse it back into a plain one.
 
-Every ``nn.Linear`` becomes a :class:`MergedLinear`. Every other parameter (attention
+Every ``nn.Linear`` becomes a :class:`MergedLinear` (and every ``nn.Conv2d`` whose kernel is merged as a
+matrix a :class:`MergedConv2d`: ``targets.merged_layer_for``). Every other parameter (attention
 in-projections, ``Conv1D`` weights, projections, biases, norms, embeddings) is replaced by a
 computed attribute, as ``torch.nn.utils.parametrize`` does: the module's class is swapped for a
 per-instance subclass with a property that evaluates the merged tensor, so code reading
@@ -17,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from .build import as_source, build_merged_tensors, check_sources, fit_transform, merge_buffers, persistent_buffers
-from .layers import MergedLinear, MergedTensor, MergedWeight, _Merged, check_finite, weight_cache
+from .layers import MergedLayer, MergedTensor, MergedWeight, _Merged, check_finite, weight_cache
 from .methods import Method, Transform, get_method
-from .targets import Entry, Patterns, is_selected, plan
+from .targets import Entry, Patterns, is_selected, merged_layer_for, plan
 
 __all__ = ["MergedModel", "merge", "install"]
 
@@ -67,25 +68,26 @@ def _attach(module: nn.Module, attr: str, merged: _Merged) -> None:
     setattr(type(module), attr, _merged_property(attr))
 
 
-def _linear_replacement(model: nn.Module, module_name: str, entries: Mapping[str, Entry], merged: Mapping[str, _Merged]) -> MergedLinear | None:
-    """A MergedLinear for an untied ``nn.Linear`` whose weight is merged as a matrix, else None."""
+def _layer_replacement(model: nn.Module, module_name: str, entries: Mapping[str, Entry], merged: Mapping[str, _Merged]) -> MergedLayer | None:
+    """A merged layer (MergedLinear, MergedConv2d) for a module whose untied weight is a matrix in its layout, else None."""
     module = model.get_submodule(module_name)
-    if not isinstance(module, nn.Linear):
+    layer = merged_layer_for(module)
+    if layer is None:
         return None
     prefix = f"{module_name}." if module_name else ""
     weight, bias = entries.get(prefix + "weight"), entries.get(prefix + "bias")
-    if weight is None or weight.aliases or weight.layout != "out_in" or (bias is not None and bias.aliases):
+    if weight is None or weight.aliases or weight.layout is not layer.layout or (bias is not None and bias.aliases):
         return None
-    return MergedLinear(merged[weight.name], None if bias is None else merged[bias.name], original=module)
+    return layer(merged[weight.name], None if bias is None else merged[bias.name], original=module)
 
 
 def install(model: nn.Module, entries: Sequence[Entry], merged: Mapping[str, _Merged]) -> nn.Module:
-    """Put the merged tensors into ``model`` in place; returns the root (a MergedLinear if the root was a Linear)."""
+    """Put the merged tensors into ``model`` in place; returns the root (a MergedLayer if the root was a Linear or Conv2d)."""
     by_name = {e.name: e for e in entries}
     owner_modules = dict.fromkeys(owner for e in entries for owner, _ in e.owners)
     replaced = set()
     for module_name in owner_modules:
-        replacement = _linear_replacement(model, module_name, by_name, merged)
+        replacement = _layer_replacement(model, module_name, by_name, merged)
         if replacement is None:
             continue
         replaced.add(module_name)
@@ -152,10 +154,10 @@ class MergedModel(nn.Module):
                 id(m): nn.Parameter(check_finite(m().detach().contiguous().clone(), f"the fused tensor {name!r}"))
                 for name, m in self._merged.items()
             }
-        memo: dict[int, Any] = {id(m): None for m in self.model.modules() if isinstance(m, (_Merged, MergedLinear))}
+        memo: dict[int, Any] = {id(m): None for m in self.model.modules() if isinstance(m, (_Merged, MergedLayer))}
         plain = deepcopy(self.model, memo)
         for name, module in list(self.model.named_modules()):
-            if isinstance(module, MergedLinear):
+            if isinstance(module, MergedLayer):
                 bias = None if module.bias_merge is None else values[id(module.bias_merge)]
                 fused = module.fuse_with(values[id(module.weight_merge)], bias)
                 if name == "":
@@ -198,7 +200,8 @@ def merge(
         targets: which parameters are merged (regex string, or list of globs / module-name
             suffixes as PEFT's ``target_modules``); default all. The rest keep pretrained values.
         exclude: parameters kept at their pretrained value (e.g. ``["head"]``), same syntax.
-        matrices: extra 2-D parameters to merge as matrices, ``{glob: "out_in" | "in_out"}``.
+        matrices: extra parameters to merge as matrices, ``{glob: "out_in" | "in_out" | "out_in_kernel"}``
+            (the last for convolution kernels, e.g. ``{"*": "out_in_kernel"}``; README, "Which tensors ...").
         progress: show a progress bar.
         copy: the merged model owns its tensors (True, default: a pretrained tensor it keeps as is —
             B of a θ₀-based method, an excluded tensor — is copied once). With False these share

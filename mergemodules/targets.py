@@ -1,17 +1,22 @@
 """Which tensors of a model are merged, and which of them are merged as matrices.
 
-The matrix rule (a parameter is merged through the low-rank/dense *matrix* term when it is):
+The matrix rule (a parameter is merged through the low-rank/dense *matrix* term when it is), one
+:class:`MatrixKind` per line of :data:`MATRIX_KINDS`:
 
-* the ``weight`` of an ``nn.Linear`` (or a subclass) — layout (out, in);
+* the ``weight`` of an ``nn.Linear`` (or a subclass) — layout (out, in), run by ``MergedLinear``;
 * ``in_proj_weight`` / ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight`` of
   ``nn.MultiheadAttention`` — layout (out, in);
 * the ``weight`` of Hugging Face's ``Conv1D`` (GPT-2) — layout (in, out);
 * a 2-D parameter called ``proj`` or ``text_projection`` held by a module that is not a Linear
   (open_clip's ``visual.proj`` and ``text_projection``, used as ``x @ proj``) — layout (in, out);
-* any 2-D parameter whose name matches a pattern of the ``matrices`` option.
+* any parameter whose name matches a pattern of the ``matrices`` option and fits its layout
+  (2-D for ``"out_in"``/``"in_out"``, 3-D or more for ``"out_in_kernel"``).
 
-Every other tensor — biases, norms, embeddings, positional tables, class tokens, convolution
-kernels — is merged densely by the method's rule. A method narrows or widens this set with its
+The ``weight`` of an ``nn.Conv2d`` is a kind outside the rule (``default=False``): it is merged as
+the (out, in·kh·kw) matrix, run by ``MergedConv2d``, where ``matrices={"<glob>": "out_in_kernel"}``
+names it. Every other tensor — biases, norms, embeddings, positional tables, class tokens,
+convolution kernels not so named — is merged densely by the method's rule. A new kind of layer is
+one more :class:`MatrixKind` in :data:`MATRIX_KINDS`. A method narrows or widens this set with its
 ``matrix_set`` (:func:`method_layout`): ``"layers"`` drops the free projections (CART's and
 AdaRank's code decompose only attention and MLP weights), ``"all_2d"`` adds every other 2-D tensor
 but ``text_projection`` (TSV-M's code). ``targets``/``exclude`` choose which parameters
@@ -22,11 +27,17 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["Entry", "MATRIX_SETS", "plan", "matrix_layout", "method_layout", "is_selected", "Patterns"]
+from .layers import MergedConv2d, MergedLayer, MergedLinear
+from .layouts import Layout, parse_layout
+
+__all__ = [
+    "Entry", "MatrixKind", "MATRIX_KINDS", "MATRIX_SETS", "plan", "matrix_layout", "method_layout", "merged_layer_for",
+    "is_selected", "Patterns",
+]
 
 Patterns = str | Sequence[str] | None
 
@@ -42,7 +53,7 @@ class Entry:
     name: str
     aliases: tuple[str, ...]
     shape: tuple[int, ...]
-    layout: str | None  # "out_in" / "in_out" for matrices, None for dense tensors
+    layout: Layout | None  # how a matrix is seen as (out, in); None for dense tensors
     merged: bool  # False: kept at the pretrained value
     owners: list[tuple[str, str]] = field(default_factory=list)  # (module name, attribute)
     matrix_rule: str | None = None  # what made it a matrix: "layer" (Linear, attention, Conv1D), "projection", "pattern"
@@ -58,32 +69,61 @@ class Entry:
         return (self.name, *self.aliases)
 
 
+@dataclass(frozen=True)
+class MatrixKind:
+    """A kind of parameter merged as a matrix: where it is found, its layout, and the merged layer running its module."""
+
+    name: str
+    applies: Callable[[nn.Module, str], bool]  # (module, attribute name) -> whether module.<attribute> is of this kind
+    layout: Layout
+    rule: str = "layer"  # Entry.matrix_rule: "layer" or "projection" (free projections, dropped by matrix_set="layers")
+    layer: type[MergedLayer] | None = None  # replaces the whole module; None: the parameter becomes a computed attribute
+    default: bool = True  # in the matrix rule; False: a matrix only where the ``matrices`` option names it
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def _matrix_rule(module: nn.Module, attr: str, ndim: int) -> tuple[str, str] | None:
+MATRIX_KINDS: list[MatrixKind] = [
+    MatrixKind("linear", lambda m, a: isinstance(m, nn.Linear) and a == "weight", Layout.OUT_IN, layer=MergedLinear),
+    MatrixKind("attention", lambda m, a: isinstance(m, nn.MultiheadAttention) and a in MHA_MATRICES, Layout.OUT_IN),
+    MatrixKind("conv1d", lambda m, a: _is_conv1d(m) and a == "weight", Layout.IN_OUT),
+    MatrixKind("projection", lambda m, a: a in PROJECTION_NAMES and not isinstance(m, nn.Linear), Layout.IN_OUT,
+               rule="projection"),
+    MatrixKind("conv2d", lambda m, a: isinstance(m, nn.Conv2d) and a == "weight", Layout.OUT_IN_KERNEL,
+               layer=MergedConv2d, default=False),
+]
+
+
+def _matrix_rule(module: nn.Module, attr: str, ndim: int) -> tuple[str, Layout] | None:
     """(rule, layout) if the matrix rule merges ``module.<attr>`` as a matrix, else None."""
-    if ndim != 2:
-        return None
-    if isinstance(module, nn.Linear) and attr == "weight":
-        return "layer", "out_in"
-    if isinstance(module, nn.MultiheadAttention) and attr in MHA_MATRICES:
-        return "layer", "out_in"
-    if _is_conv1d(module) and attr == "weight":
-        return "layer", "in_out"
-    if attr in PROJECTION_NAMES and not isinstance(module, nn.Linear):
-        return "projection", "in_out"
+    for kind in MATRIX_KINDS:
+        if kind.default and kind.layout.fits(ndim) and kind.applies(module, attr):
+            return kind.rule, kind.layout
     return None
 
 
-def matrix_layout(module: nn.Module, attr: str, ndim: int) -> str | None:
+def matrix_layout(module: nn.Module, attr: str, ndim: int) -> Layout | None:
     """The layout of ``module.<attr>`` if the matrix rule merges it as a matrix, else None."""
     found = _matrix_rule(module, attr, ndim)
     return None if found is None else found[1]
 
 
-def method_layout(entry: Entry, matrix_set: str) -> str | None:
+def merged_layer_for(module: nn.Module) -> type[MergedLayer] | None:
+    """The merged layer class that replaces ``module`` when its weight is a matrix in that layer's layout, else None.
+
+    A subclass that overrides ``forward`` (timm's ``StdConv2d``, ``Conv2dSame``) is not replaced: its
+    own forward runs, reading the merged weight as a computed attribute.
+    """
+    for kind in MATRIX_KINDS:
+        layer = kind.layer
+        if layer is not None and kind.applies(module, "weight") and type(module).forward is layer.replaces.forward:
+            return layer
+    return None
+
+
+def method_layout(entry: Entry, matrix_set: str) -> Layout | None:
     """The layout ``entry`` is merged with under a method's ``matrix_set`` (None: merged densely).
 
     ``"rule"``: the matrix rule as planned. ``"layers"``: without the free projections (open_clip's
@@ -100,7 +140,7 @@ def method_layout(entry: Entry, matrix_set: str) -> str | None:
         if entry.name.rpartition(".")[2] == "text_projection":
             return None
         if entry.layout is None and len(entry.shape) == 2:
-            return "out_in"
+            return Layout.OUT_IN
     return entry.layout
 
 
@@ -143,9 +183,7 @@ def plan(
     """List the model's parameters with how each is merged; tied parameters appear once."""
     _check_patterns(targets, "targets")
     _check_patterns(exclude, "exclude")
-    for pattern, layout in (matrices or {}).items():
-        if layout not in ("out_in", "in_out"):
-            raise ValueError(f"matrices[{pattern!r}]={layout!r}: layout must be 'out_in' or 'in_out'")
+    custom = {pattern: parse_layout(layout, f"matrices[{pattern!r}]") for pattern, layout in (matrices or {}).items()}
     modules = dict(model.named_modules(remove_duplicate=False))
     entries: dict[int, Entry] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -154,9 +192,9 @@ def plan(
         entry = entries.get(id(param))
         if entry is None:
             rule, layout = _matrix_rule(module, attr, param.dim()) or (None, None)
-            for pattern, custom in (matrices or {}).items():
-                if param.dim() == 2 and fnmatch.fnmatchcase(name, pattern):
-                    rule, layout = "pattern", custom
+            for pattern, named in custom.items():
+                if named.fits(param.dim()) and fnmatch.fnmatchcase(name, pattern):
+                    rule, layout = "pattern", named
             entry = Entry(name, (), tuple(param.shape), layout, is_selected(name, targets, exclude), matrix_rule=rule)
             entries[id(param)] = entry
         else:
