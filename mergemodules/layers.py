@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -283,7 +284,7 @@ class MergedWeight(_Merged):
 
     def _concatenated(self) -> tuple[Tensor, Tensor]:
         """U and V with all tasks' components side by side: (out, T·k), (in, T·k)."""
-        return self.U.transpose(0, 1).flatten(1), self.V.transpose(0, 1).flatten(1)
+        return rearrange(self.U, "t out k -> out (t k)"), rearrange(self.V, "t inp k -> inp (t k)")
 
     def _factor_sum(self, start: Tensor) -> Tensor:
         """``start + Σ_t U_t diag(λ_t m_t σ_t) V_tᵀ`` (see :class:`_FactorSum`)."""
@@ -468,8 +469,8 @@ class MergedConv2d(MergedLayer):
             return conv._conv_forward(x, self.weight, self.bias)
         shape = weight.parameter_shape
         U, V = weight._concatenated()
-        down = V.t().reshape(-1, *shape[1:])  # (T·k, in, kh, kw)
-        up = (U * weight._component_scales())[:, :, None, None]  # (out, T·k, 1, 1)
+        down = rearrange(V, "(inp kh kw) tk -> tk inp kh kw", kh=shape[2], kw=shape[3])
+        up = rearrange(U * weight._component_scales(), "out tk -> out tk 1 1")
         base = weight.layout.from_matrix(weight.base, shape)
         return conv._conv_forward(x, base, self.bias) + F.conv2d(conv._conv_forward(x, down, None), up)
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from ..decompose import Factors, truncated_svd
@@ -39,15 +40,12 @@ class TaskSingularVectors(Transform):
 
     def factorize(self, terms: Tensor, k: int, svd: str = "exact", svd_options: Mapping[str, Any] | None = None) -> Factors:
         """Per-task top-``int(k·(1/T))`` SVD, then orthogonalise the stacked U and V of all tasks."""
-        T, out, inp = terms.shape
+        T = terms.shape[0]
         per_task = self.stored_rank(k, T)
         U, S, V = truncated_svd(terms, per_task, method=svd, **(svd_options or {}))
         if per_task == 0:
             return Factors(U, S, V)
-        U_perp = orthogonalize(U.transpose(0, 1).reshape(out, T * per_task))
-        V_perp = orthogonalize(V.transpose(0, 1).reshape(inp, T * per_task))
-        return Factors(
-            U_perp.reshape(out, T, per_task).transpose(0, 1).contiguous(),
-            S,
-            V_perp.reshape(inp, T, per_task).transpose(0, 1).contiguous(),
-        )
+        U_perp = orthogonalize(rearrange(U, "t out k -> out (t k)"))  # every task's components side by side
+        V_perp = orthogonalize(rearrange(V, "t inp k -> inp (t k)"))
+        return Factors(rearrange(U_perp, "out (t k) -> t out k", t=T).contiguous(), S,
+                       rearrange(V_perp, "inp (t k) -> t inp k", t=T).contiguous())
