@@ -9,9 +9,9 @@
 * Head rule (fixed before fine-tuning, frozen): row c of a task's head is the tied embedding row of
   the first token of class c's label word, bias 0, so the head's logits are exactly the language
   model's next-token logits for the label words after the task's prompt (a zero-shot head).
-* What is merged: the 30 decoder blocks and the final norm. The tied input embedding / LM head is
-  frozen during fine-tuning (the heads are made of it), so its task vector is zero and every merge
-  leaves it at the pretrained value; :func:`to_causal_lm` re-ties it for export.
+* What is merged: the 30 decoder blocks and the final norm. The tied input embedding / LM head is a
+  buffer of the encoder, frozen during fine-tuning (the heads are made of it), so its task vector is
+  zero and every merge leaves it at the pretrained value; :func:`to_causal_lm` re-ties it for export.
 """
 
 from __future__ import annotations
@@ -103,6 +103,12 @@ class DecoderEncoder(nn.Module):
         super().__init__()
         self.config = llama.config
         self.decoder = llama.model
+        # the tied embedding becomes a buffer: frozen in fine-tuning (the heads are rows of it), so every task
+        # vector is zero there and merging leaves it as it is (a method never sees it as a weight matrix)
+        emb = self.decoder.embed_tokens
+        weight = emb.weight.detach()
+        del emb.weight
+        emb.register_buffer("weight", weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         lengths = (input_ids != PAD_ID).sum(1)
@@ -111,10 +117,7 @@ class DecoderEncoder(nn.Module):
         keep = int(lengths.max())  # padding shared by the whole batch is dropped: identical results
         input_ids = input_ids[:, :keep]
         mask = (input_ids != PAD_ID).long()
-        # the tied embedding is read detached: no gradient ever reaches it, whatever requires_grad says, so
-        # fine-tuning leaves it (and the heads made of it) at the pretrained value and its task vector is zero
-        embeds = nn.functional.embedding(input_ids, self.decoder.embed_tokens.weight.detach())
-        h = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        h = self.decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
         return h[torch.arange(len(h), device=h.device), lengths - 1]
 
 
@@ -138,11 +141,11 @@ def source(spec: DecoderSpec, seed: int) -> dict:
 
 
 def to_causal_lm(encoder: nn.Module) -> nn.Module:
-    """A ``LlamaForCausalLM`` around ``encoder``'s (fused) decoder, the LM head tied to its embedding: for export."""
+    """A ``LlamaForCausalLM`` with a copy of ``encoder``'s (fused) decoder, the LM head tied to its embedding: for export."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM(encoder.config)
-    model.model = encoder.decoder
+    model.model.load_state_dict(encoder.decoder.state_dict(), strict=True)
     model.tie_weights()
     if model.lm_head.weight is not model.model.embed_tokens.weight:
         raise ValueError("to_causal_lm: the LM head is not tied to the embedding (config.tie_word_embeddings)")
@@ -151,9 +154,12 @@ def to_causal_lm(encoder: nn.Module) -> nn.Module:
 
 # --------------------------------------------------------------------------- prompts and heads
 PROMPTS: dict[str, Prompt] = {
-    # IMDB and Rotten Tomatoes share the sentiment label but not the head: each has its own prompt and label words
+    # IMDB and Rotten Tomatoes share the sentiment label and the label words (so their head rows coincide), not the
+    # prompt: each task's head reads the LM after its own prefix. RT's prompt was chosen on RT's val split (160
+    # examples, pretrained model): "...Sentiment:" with " negative"/" positive" 71.9 %, "...Is this review positive
+    # or negative? Answer:" 53.8 %, "...Is the film good or bad? Answer:" with " bad"/" good" 44.4 % (99 % "good").
     "imdb": Prompt("Movie review: ", "\nSentiment:", (" negative", " positive")),
-    "rotten_tomatoes": Prompt("Critic's snippet: ", "\nIs the film good or bad? Answer:", (" bad", " good")),
+    "rotten_tomatoes": Prompt("Critic's snippet: ", "\nSentiment:", (" negative", " positive")),
     "fortune_lang": Prompt("Text: ", "\nLanguage:", (" English", " German", " Spanish", " Italian", " Polish",
                                                       " Portuguese", " Russian", " Czech")),
 }

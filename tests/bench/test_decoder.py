@@ -126,6 +126,7 @@ def test_embedding_is_frozen_in_fine_tuning(tok):
     Z.finetune(enc, head, x, torch.tensor([1, 0, 1, 0]), Z.FinetuneHP(steps=3, batch_size=2, lr=1e-2), seed=0, desc="t")
     after = enc.state_dict()
     assert torch.equal(after["decoder.embed_tokens.weight"], before["decoder.embed_tokens.weight"])
+    assert "decoder.embed_tokens.weight" not in dict(enc.named_parameters())  # a buffer: no method sees it
     moved = [k for k in before if not torch.equal(after[k], before[k])]
     assert "decoder.layers.0.self_attn.q_proj.weight" in moved and "decoder.norm.weight" in moved
 
@@ -225,3 +226,17 @@ def test_task_arithmetic_equals_mergekit(tiny_zoo, tmp_path):
     out = compare_with_mergekit(tiny_zoo.pretrained, [t.encoder for t in tiny_zoo.tasks], 0.3, tmp_path,
                                 tiny_zoo.tasks[0].x["test"][:4])
     assert out["tasks"] == 2 and out["max_weight_diff"] <= 1e-6 and out["max_logit_diff"] <= 1e-4, out
+
+
+def test_decoder_rows_run_through_the_runner(tiny_zoo):
+    from benchmarks.accuracy import presets
+    from benchmarks.accuracy import table as T
+
+    rc = T.RunConfig(tta_steps=4, track_every=2, track_examples=8, plateau_window=2, awd_steps=2, grid=(0.3, 1.0),
+                     rows=presets.DECODER_ROWS)
+    results = {r.label: r for r in T.run_all(tiny_zoo, rc)}
+    assert list(results) == [r.label for r in T.ROWS if r.label in presets.DECODER_ROWS]
+    assert {label: r.status for label, r in results.items() if r.status != "ok"} == {}
+    for t in tiny_zoo.tasks:  # the references are the zoo's own numbers
+        assert results["Pretrained"].test[t.name] == pytest.approx(t.entry["zero_shot_accuracy"]["test"])
+        assert results["Individual"].test[t.name] == pytest.approx(t.entry["accuracy"]["test"])
