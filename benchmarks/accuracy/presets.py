@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from mergemodules.methods.awd import ALPHA_GRID as AWD_ALPHA_GRID
-
 from .data import Sizes
 from .models import TextModelSpec, VisionModelSpec
-from .table import CART_RANKS, RunConfig
+from .table import AWD_ALPHA_GRID, CART_RANKS, RunConfig
 from .zoo import FinetuneHP, SuiteConfig
 
 DEFAULT_TEXT_TASKS = ("fortune_topic", "fortune_lang", "wordnet_noun", "foldoc")
@@ -26,8 +24,8 @@ FULL_SEEDS = (0, 1, 2)  # --full: one zoo per seed (issue #12 item 6)
 DEFAULT_ROWS = ("Pretrained", "Individual", "Weight Averaging", "Task Arithmetic", "TIES", "TSV-M", "CART",
                 "AdaMerging (layer-wise)", "CART++", "CART+AdaRank", "AWD-TA")
 DEFAULT_RUN = RunConfig(tta_steps=300, awd_steps=100, cart_ranks=(0.02, 0.08, 0.32, 1.0), rows=DEFAULT_ROWS)
-# --full: a larger budget, every λ also scored on test (the λ-curve plot only); adaptation still stops at the
-# plateau, which the rule detects only after W flat steps, so the plots show the flat part.
+# --full: a larger step budget (the plateau rule is checked on the curve afterwards) and every λ also scored on
+# test (the λ-curve plot only).
 FULL_RUN = RunConfig(tta_steps=1000, awd_steps=500, awd_alphas=AWD_ALPHA_GRID, cart_ranks=CART_RANKS, grid_on_test=True)
 # Vision (DINOv2 ViT-S/14 at 28 px, see the README for the resolution measurements): every task's head is a
 # linear probe on frozen pretrained features. The default keeps 3 of the 6 tasks: one adaptation step costs

@@ -269,12 +269,12 @@ def _body(cfg: SuiteConfig, zoo: Zoo, results: list[T.Result], sweep, diag, rel:
         body += ["λ chosen on val beside the paper's default λ (both on test):", "", grid, ""]
     adapt = adaptation_table(results)
     if adapt:
-        body += [f"Adaptation (Adam (0.9, 0.999), batch {rc.tta_batch_size} per task, on every task's test inputs). "
-                 f"Plateau rule: tracked every {rc.track_every} steps on the first {rc.track_examples} test inputs of "
-                 f"each task; plateau at step s when the entropy fell by at most {rc.plateau_rel:g} × its decrease "
-                 f"since step 0 (+ {rc.plateau_tol:g} × its initial value) over the last {rc.plateau_window} steps; "
-                 f"{'adaptation stops there' if rc.stop_at_plateau else 'adaptation runs the whole budget'}. "
-                 "Rows marked **not reached** spent the budget without a plateau.", "", adapt, ""]
+        body += [f"Adaptation (Adam (0.9, 0.999), batch {rc.tta_batch_size} per task, on every task's test inputs, "
+                 f"{rc.tta_steps} steps). Plateau rule on the entropy curve (E(0) over all test inputs, then the mean "
+                 f"batch entropy of each {rc.track_every}-step window): plateau at step s when the entropy fell by at "
+                 f"most {rc.plateau_rel:g} × its decrease since step 0 (+ {rc.plateau_tol:g} × E(0) + the 95 % noise of the "
+                 f"window means) over the last "
+                 f"{rc.plateau_window} steps. Rows marked **not reached** have no plateau within the budget.", "", adapt, ""]
     body += ["Diagnostics: cosine of the task vectors (flattened encoder) — τ = θ_t − θ₀:", "",
              cosine_table(zoo.names, diag["cosine"]), "", "centered τ̄ = θ_t − θ_avg:", "",
              cosine_table(zoo.names, diag["cosine_centered"]), "",

@@ -112,19 +112,21 @@ def spread(values: Sequence[float]) -> dict[str, float]:
             "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
 
 
-def plateau_step(curve: Sequence[tuple[int, float]], window: int, rel: float, tol: float) -> int | None:
+def plateau_step(curve: Sequence[tuple[int, float]], window: int, rel: float, tol: float,
+                 se: Mapping[int, float] | None = None) -> int | None:
     """First tracked step s ≥ window at which the entropy has plateaued, or None.
 
-    Plateau at s: E(s − window) − E(s) ≤ rel · max(E(0) − E(s), 0) + tol · E(0), i.e. the last
-    ``window`` steps gave at most a fraction ``rel`` of the decrease obtained so far (plus a
-    numerical floor ``tol`` of the initial entropy). ``curve`` is [(step, entropy)] from step 0,
-    tracked every k steps with ``window`` a multiple of k.
+    Plateau at s: E(s − window) − E(s) ≤ rel · max(E(0) − E(s), 0) + tol · E(0) + z · sqrt(se(s − window)² + se(s)²),
+    i.e. the last ``window`` steps gave at most a fraction ``rel`` of the decrease obtained so far, beyond a
+    floor ``tol`` of the initial entropy and the 95 % noise of the difference (``se``: step → standard error
+    of that point, 0 where absent). ``curve`` is [(step, entropy)] from step 0, tracked every k steps with
+    ``window`` a multiple of k.
     """
     if window <= 0 or rel < 0 or tol < 0:
         raise ValueError(f"plateau_step: need window > 0, rel >= 0, tol >= 0; got {window}, {rel}, {tol}")
     if not curve or curve[0][0] != 0:
         raise ValueError("plateau_step: the curve must start at step 0")
-    at = dict(curve)
+    at, se = dict(curve), dict(se or {})
     e0 = curve[0][1]
     for step, e in curve:
         if step < window:
@@ -132,6 +134,7 @@ def plateau_step(curve: Sequence[tuple[int, float]], window: int, rel: float, to
         if step - window not in at:
             raise ValueError(f"plateau_step: no tracked value at step {step - window} (window {window} is not "
                              "a multiple of the tracking interval)")
-        if at[step - window] - e <= rel * max(e0 - e, 0.0) + tol * e0:
+        noise = Z95 * math.hypot(se.get(step - window, 0.0), se.get(step, 0.0))
+        if at[step - window] - e <= rel * max(e0 - e, 0.0) + tol * e0 + noise:
             return step
     return None

@@ -12,24 +12,22 @@ Choices as the papers make them: a λ grid scored by mean accuracy on the labell
 (TA, TIES, CART, AWD-TA), with the paper's default λ evaluated beside the grid's choice; the
 paper's fixed values elsewhere. Adaptive rows (AdaMerging, CART++, AdaRank, AWD-AdaMerging) are
 **transductive**: they minimise the entropy on the unlabeled inputs of every task's ``test`` split
-(labels are used only for accuracy), Adam (0.9, 0.999), batch 16 per task, until the entropy on a
-fixed tracked subset has plateaued (:func:`stats.plateau_step`) or the step budget is spent.
+(labels are used only for accuracy), Adam (0.9, 0.999), batch 16 per task, for the step budget; the
+entropy curve is then checked for a plateau (:func:`stats.plateau_step`) and rows without one are marked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
-import tempfile
 import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
-
-from mergemodules.methods.awd import SCALING_GRID as AWD_SCALING_GRID
 
 from . import stats
 from .zoo import Zoo, _progress, encode
@@ -39,6 +37,8 @@ logger = logging.getLogger(__name__)
 # the papers' grids
 TA_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # Task Arithmetic, CART (papers/000 §C)
 TIES_GRID = (0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8)
+AWD_SCALING_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # AWD-TA's λ (papers/003 §7.3)
+AWD_ALPHA_GRID = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # AWD's α (papers/003 §7.3)
 CART_RANKS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0)
 
 
@@ -82,16 +82,15 @@ KEEP_FOR_PLOTS = ("TA+AdaRank", "CART+AdaRank")  # merged models handed back for
 class RunConfig:
     """How the rows are run: adaptation budget and plateau rule, grids, AWD, the CART rank sweep."""
 
-    tta_steps: int = 500  # step budget (AdaMerging's 500 iterations); adaptation stops earlier on a plateau
+    tta_steps: int = 500  # step budget (AdaMerging's 500 iterations), checked afterwards by the plateau rule
     tta_lr: float = 1e-3  # AdaMerging / AdaRank (vision)
     adarank_lr: float | None = None  # AdaRank rows' rate (None: tta_lr; the AdaRank paper uses 5e-5 for language)
     tta_batch_size: int = 16  # per task
-    track_every: int = 25  # entropy and accuracy on the tracked subset every k steps
-    track_examples: int = 128  # tracked subset: the first n test inputs of each task
+    track_every: int = 25  # entropy curve: mean batch entropy per window of k steps; accuracy every k steps
+    track_examples: int = 128  # accuracy vs step on the first n test examples of each task
     plateau_window: int = 100  # plateau: the last W steps gave ≤ plateau_rel of the decrease so far
     plateau_rel: float = 0.05
     plateau_tol: float = 1e-3  # ... plus this fraction of the initial entropy (numerical floor)
-    stop_at_plateau: bool = True
     grid_on_test: bool = False  # also score every grid λ on test (the diagnostic λ curves; never used to choose)
     awd_steps: int = 200
     awd_alphas: tuple[float, ...] = (1e-4,)
@@ -248,14 +247,13 @@ def _mask_flips(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor])
             "kept_after": sum(int(a.sum()) for a in after.values()), "total": sum(b.numel() for b in before.values())}
 
 
-def _track(zoo: Zoo, merged: nn.Module, rc: RunConfig, step: int) -> dict[str, Any]:
-    pred = predict(zoo, merged.fuse(), "test", rc.track_examples)
-    ent, acc = _entropies(pred), _accuracies(pred)
-    return {"step": step, "entropy": sum(ent.values()), "accuracy": _mean(acc), "tasks": {"entropy": ent, "accuracy": acc}}
-
-
 def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Entropy minimisation on every task's unlabeled test inputs, tracked every k steps until a plateau."""
+    """Entropy minimisation on every task's unlabeled test inputs for the step budget, then the plateau rule.
+
+    One call of the library's loop (Adam state kept over the whole budget). The entropy curve: E(0) over
+    all test inputs, then the mean batch entropy over each window of ``track_every`` steps; accuracy on the
+    first ``track_examples`` test examples of each task every ``track_every`` steps (labels used only there).
+    """
     from torch.utils.data import DataLoader, TensorDataset
 
     from mergemodules import Task, adapt
@@ -265,28 +263,26 @@ def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str
     lr = rc.adarank_lr if (rc.adarank_lr is not None and "adarank" in row.method) else rc.tta_lr
     tasks = {t.name: Task(DataLoader(TensorDataset(t.x["test"]), batch_size=rc.tta_batch_size, shuffle=True), t.head)
              for t in zoo.tasks}
+    tracked = {t.name: [(t.x["test"][:rc.track_examples], t.y["test"][:rc.track_examples])] for t in zoo.tasks}
     coef0, masks0 = _coefs(merged), _masks(merged)
-    track = [_track(zoo, merged, rc, 0)]
-    quiet = os.environ.get("MERGEMODULES_BENCH_QUIET") == "1"
-    step, plateau, history = 0, None, []
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = os.path.join(tmp, "adapt.pt")
-        while step < rc.tta_steps:
-            step = min(step + rc.track_every, rc.tta_steps)
-            history = adapt(merged, tasks, steps=step, lr=lr, seed=rc.seed, checkpoint=ckpt, resume=step > rc.track_every,
-                            progress=not quiet, pad_id=PAD_ID)
-            track.append(_track(zoo, merged, rc, step))
-            if step % rc.plateau_window == 0 and plateau is None:
-                plateau = stats.plateau_step([(r["step"], r["entropy"]) for r in track], rc.plateau_window,
-                                             rc.plateau_rel, rc.plateau_tol)
-                if plateau is not None and rc.stop_at_plateau:
-                    break
+    history = adapt(merged, tasks, steps=rc.tta_steps, lr=lr, seed=rc.seed, eval_data=tracked, eval_every=rc.track_every,
+                    progress=os.environ.get("MERGEMODULES_BENCH_QUIET") != "1", pad_id=PAD_ID)
+    losses = [float(h["loss"]) for h in history if "loss" in h]
+    accuracy = {h["step"]: _mean(h["accuracy"]) for h in history if "accuracy" in h}
+    k = rc.track_every
+    track = [{"step": 0, "entropy": sum(_entropies(start).values()), "accuracy": accuracy[0]}]
+    track += [{"step": s, "entropy": float(np.mean(losses[s - k: s])), "accuracy": accuracy.get(s, float("nan")),
+               "se": float(np.std(losses[s - k: s], ddof=1) / math.sqrt(k)) if k > 1 else 0.0}
+              for s in range(k, len(losses) + 1, k)]
+    plateau = stats.plateau_step([(r["step"], r["entropy"]) for r in track], rc.plateau_window, rc.plateau_rel,
+                                 rc.plateau_tol, se={r["step"]: r.get("se", 0.0) for r in track})
     coef1 = _coefs(merged)
-    return {"steps": step, "budget": rc.tta_steps, "lr": lr, "batch_size": rc.tta_batch_size, "converged": plateau is not None,
-            "plateau_step": plateau, "rule": {"window": rc.plateau_window, "rel": rc.plateau_rel, "tol": rc.plateau_tol,
-                                              "every": rc.track_every, "tracked": rc.track_examples},
+    return {"steps": len(losses), "budget": rc.tta_steps, "lr": lr, "batch_size": rc.tta_batch_size,
+            "converged": plateau is not None, "plateau_step": plateau,
+            "rule": {"window": rc.plateau_window, "rel": rc.plateau_rel, "tol": rc.plateau_tol, "every": k,
+                     "tracked": rc.track_examples},
             "entropy_before": _entropies(start), "accuracy_before": _accuracies(start), "track": track,
-            "batch_loss": [round(float(h["loss"]), 5) for h in history if "loss" in h],
+            "batch_loss": [round(v, 5) for v in losses],
             "lambda_before": _lambda_stats(coef0), "lambda_after": _lambda_stats(coef1),
             "lambda_change": {"mean_abs": float((coef1 - coef0).abs().mean()), "max_abs": float((coef1 - coef0).abs().max())},
             "mask_flips": _mask_flips(masks0, _masks(merged))}

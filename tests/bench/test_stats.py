@@ -86,3 +86,12 @@ def test_plateau_step():
         S.plateau_step([(0, 1.0), (30, 0.9), (60, 0.8), (90, 0.7), (120, 0.6)], 100, 0.05, 0.0)
     with pytest.raises(ValueError, match="step 0"):
         S.plateau_step([(25, 1.0)], 100, 0.05, 0.0)
+
+
+def test_plateau_allows_for_the_noise_of_window_means():
+    noisy = [(0, 2.0), (50, 1.5), (100, 1.4), (150, 1.38), (200, 1.36)]
+    # a drop of 0.1 over the last 100 steps is 20 % of the decrease so far: no plateau without noise...
+    assert S.plateau_step(noisy[:3], 100, 0.05, 0.0) is None
+    # ...but a plateau when each window mean has a standard error of 0.04 (95 % noise of the difference 0.109)
+    assert S.plateau_step(noisy[:3], 100, 0.05, 0.0, se={50: 0.04, 100: 0.04}) is None  # step 100 vs step 0: se 0 at 0
+    assert S.plateau_step(noisy, 50, 0.05, 0.0, se={s: 0.04 for s, _ in noisy if s}) == 100

@@ -33,7 +33,7 @@ def test_grid_reports_the_paper_lambda_beside_the_val_choice(text_zoo):
 
 
 def test_adaptation_is_transductive_and_shows_its_evidence(text_zoo):
-    rc = T.RunConfig(tta_steps=8, track_every=2, plateau_window=4, track_examples=8, stop_at_plateau=False, tta_lr=0.05)
+    rc = T.RunConfig(tta_steps=8, track_every=2, plateau_window=4, track_examples=8, tta_lr=0.05)
     res = T.run_row(text_zoo, T.Row("TA+AdaRank", "adarank_ta", tta=True), rc, {})
     a = res.adaptation
     assert a["steps"] == 8 and [r["step"] for r in a["track"]] == [0, 2, 4, 6, 8] and len(a["batch_loss"]) == 8
@@ -70,10 +70,15 @@ def test_adaptation_uses_only_the_test_inputs(text_zoo, monkeypatch):
         assert sorted(map(tuple, x.tolist())) == sorted(map(tuple, t.x["test"].tolist()))  # inputs only, all of them
 
 
-def test_stopping_at_the_plateau(text_zoo):
-    rc = T.RunConfig(tta_steps=40, track_every=2, plateau_window=2, track_examples=8, plateau_rel=1.0, plateau_tol=1.0)
-    res = T.run_row(text_zoo, T.Row("AdaMerging (task-wise)", "adamerging_taskwise", tta=True), rc, {})
-    assert res.adaptation["converged"] and res.adaptation["steps"] == res.adaptation["plateau_step"] == 2
+def test_entropy_curve_is_the_windowed_batch_entropy(text_zoo):
+    rc = T.RunConfig(tta_steps=6, track_every=3, plateau_window=3, track_examples=8, plateau_rel=1.0, plateau_tol=1.0)
+    a = T.run_row(text_zoo, T.Row("AdaMerging (task-wise)", "adamerging_taskwise", tta=True), rc, {}).adaptation
+    loss = a["batch_loss"]
+    assert [r["step"] for r in a["track"]] == [0, 3, 6]
+    assert a["track"][0]["entropy"] == pytest.approx(sum(a["entropy_before"].values()))
+    assert a["track"][1]["entropy"] == pytest.approx(sum(loss[:3]) / 3, rel=1e-4)
+    assert a["track"][2]["entropy"] == pytest.approx(sum(loss[3:]) / 3, rel=1e-4)
+    assert a["converged"] and a["plateau_step"] == 3  # a lax rule holds at the first window
 
 
 def test_run_config_rejects_bad_values():
