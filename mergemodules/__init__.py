@@ -3,6 +3,8 @@ from .decompose import Factors, resolve_rank, truncated_svd
 from .layers import MergedLinear, MergedTensor, MergedWeight, straight_through_mask, weight_cache
 from .methods import METHODS, Method, Transform, UnknownMethodError, get_method, register_method
 from .surgery import MergedModel, merge
+from .export import save_fused
+from .merge_state import load_merge_state, save_merge_state
 from .masks import hard_masks, mask_summary, plot_masks
 from .tta import Task, adapt, entropy, evaluate
 
@@ -11,6 +13,7 @@ __all__ = [
     "MergedLinear", "MergedTensor", "MergedWeight", "straight_through_mask", "weight_cache",
     "METHODS", "Method", "Transform", "UnknownMethodError", "get_method", "register_method",
     "MergedModel", "merge",
+    "save_fused", "save_merge_state", "load_merge_state",
     "hard_masks", "mask_summary", "plot_masks",
     "Task", "adapt", "entropy", "evaluate",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .io import atomic_write
+from .files import atomic_write
 from .layers import MergedWeight
 
 __all__ = ["hard_masks", "mask_summary", "plot_masks"]

@@ -33,6 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..decompose import Factors
+from ..files import atomic_write
 from .base import TaskVectorSource, Transform
 
 if TYPE_CHECKING:
@@ -362,8 +363,6 @@ class FittedAWD(Transform):
             ax.set_xticks(range(T), labels, rotation=90)
         axes[0].set_yticks(range(T), labels)
         figure.colorbar(image, ax=list(axes), shrink=0.8, label="cosine similarity")
-        from ..io import atomic_write  # io imports the methods: import it when used
-
         return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
 
 

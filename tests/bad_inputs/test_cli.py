@@ -27,7 +27,7 @@ import mergemodules.cli
 import mergemodules.sources
 from mergemodules.cli import main
 from mergemodules.files import check_writable
-from mergemodules.io import load_merge_state, save_merge_state
+from mergemodules.merge_state import load_merge_state, save_merge_state
 from recipe_setup import (
     HERE, callable_recipe, gpt2_folders, line_of, timm_model, timm_recipe, write_recipe, write_timm_checkpoints,
 )
