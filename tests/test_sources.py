@@ -115,6 +115,19 @@ def test_a_mapping_without_meta_is_refused_not_read() -> None:
     assert merged.num_tasks == 1
 
 
+@pytest.mark.parametrize("name", ["write_safetensors", "write_safetensors_shards", "plan_shards", "parse_size",
+                                  "DEFAULT_MAX_SHARD_SIZE", "SAFETENSORS_DTYPES", "INDEX_NAME"])
+def test_the_writer_names_moved_out_of_sources_with_a_deprecation_warning(name: str) -> None:
+    import mergemodules.safetensors_files
+
+    with pytest.warns(DeprecationWarning, match=rf"mergemodules\.sources\.{name} moved to "
+                                                rf"mergemodules\.safetensors_files\.{name}"):
+        value = getattr(mergemodules.sources, name)
+    assert value is getattr(mergemodules.safetensors_files, name)
+    with pytest.raises(AttributeError, match="has no attribute 'write_nothing'"):
+        mergemodules.sources.write_nothing
+
+
 def test_dtype_casts_floating_tensors_only(tmp_path: Path) -> None:
     save_file(STATE, tmp_path / "x.safetensors")
     torch.save(STATE, tmp_path / "x.pt")
