@@ -218,7 +218,8 @@ def _decode_transforms(path: Path, header: dict, tensors: dict[str, Tensor]) -> 
 
 
 def load_merge_state(model: nn.Module, path: str | os.PathLike) -> MergedModel:
-    """Rebuild a :class:`MergedModel` on ``model``'s architecture from a merge state (its tensors and buffers).
+    """Rebuild a :class:`MergedModel` on ``model``'s architecture from a merge state: its tensors and buffers, its
+    ``method`` and fitted ``transform`` (the identity, with a warning, where these cannot be restored).
 
     Tampered or inconsistent files are a ValueError (or KeyError for a mismatched architecture) naming the file and key.
     """
