@@ -4,6 +4,8 @@ from .layers import MergedConv2d, MergedLinear, MergedTensor, MergedWeight, stra
 from .layouts import Layout
 from .methods import METHODS, Method, Transform, UnknownMethodError, get_method, register_method
 from .surgery import MergedModel, merge
+from .export import save_fused
+from .merge_state import load_merge_state, save_merge_state
 from .masks import hard_masks, mask_summary
 from .plotting import plot_masks
 from .tta import Task, adapt, entropy, evaluate
@@ -13,6 +15,7 @@ __all__ = [
     "MergedConv2d", "MergedLinear", "MergedTensor", "MergedWeight", "straight_through_mask", "weight_cache", "Layout",
     "METHODS", "Method", "Transform", "UnknownMethodError", "get_method", "register_method",
     "MergedModel", "merge",
+    "save_fused", "save_merge_state", "load_merge_state",
     "hard_masks", "mask_summary", "plot_masks",
     "Task", "adapt", "entropy", "evaluate",
 ]

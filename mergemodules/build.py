@@ -1,13 +1,16 @@
 """Build the merged tensor of every parameter from the pretrained and fine-tuned values.
 
-Works one tensor at a time: only that tensor's values of all tasks are in memory together, so
-fine-tuned sources may be lazy mappings (memory-mapped safetensors files).
+:func:`prepare` is the set-up that ``merge()`` and ``fuse_streaming()`` share (the method, the plan,
+the checks of every source, from shapes alone). Building works one tensor at a time: only that
+tensor's values of all tasks are in memory together, so fine-tuned sources may be lazy checkpoints
+(memory-mapped safetensors files), each tensor read when it is built.
 """
 from __future__ import annotations
 
 import logging
 import warnings
-from typing import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,12 +18,13 @@ from tqdm.auto import tqdm
 
 from .decompose import compute_dtype, resolve_rank
 from .layers import MergedTensor, MergedWeight, _Merged, check_finite
-from .methods import Method, Transform
-from .targets import Entry, method_layout
+from .methods import Method, Transform, get_method
+from .sources import shapes_of
+from .targets import Entry, Patterns, is_selected, method_layout, plan
 
 __all__ = [
-    "build_merged_tensors", "fit_transform", "iter_merged_tensors", "check_sources", "as_source",
-    "persistent_buffers", "merge_buffers",
+    "Preparation", "prepare", "build_merged_tensors", "fit_transform", "iter_merged_tensors", "check_sources",
+    "as_source", "persistent_buffers", "merge_buffers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,6 +93,37 @@ def check_sources(
                 )
             if not tensor.dtype.is_floating_point:
                 raise TypeError(f"{label}[{entry.name!r}] has dtype {tensor.dtype}; merging needs floating point")
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What a merge starts from: the method with its options, the fine-tuned sources and the plan, all checked."""
+
+    method: Method
+    sources: list[Source]
+    entries: list[Entry]
+    targets: Patterns = None
+    exclude: Patterns = None
+
+    def selected(self, name: str) -> bool:
+        """Whether the tensor or buffer ``name`` is merged (``targets`` and ``exclude``)."""
+        return is_selected(name, self.targets, self.exclude)
+
+
+def prepare(
+    pretrained: nn.Module, finetuned: Sequence[nn.Module | Mapping[str, Tensor]], method: str | Method = "task_arithmetic",
+    *, targets: Patterns = None, exclude: Patterns = None, matrices: Mapping[str, str] | None = None, **options: Any,
+) -> Preparation:
+    """The set-up of ``merge()`` and ``fuse_streaming()`` (same arguments): the method, the plan, and the checks of
+    every fine-tuned source against the plan, reading no tensor (a lazy checkpoint's header alone: its ``meta()``)."""
+    method = get_method(method, **options)
+    if not isinstance(finetuned, Sequence) or isinstance(finetuned, (str, bytes)) or len(finetuned) == 0:
+        raise ValueError("finetuned: need a non-empty list of fine-tuned models or state dicts")
+    sources = [as_source(item, i, pretrained) for i, item in enumerate(finetuned)]
+    entries = plan(pretrained, targets, exclude, matrices)
+    shapes = [shapes_of(source, f"finetuned[{i}]") for i, source in enumerate(sources)]
+    check_sources(entries, shapes, set(pretrained.state_dict()))
+    return Preparation(method, sources, entries, targets, exclude)
 
 
 def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:

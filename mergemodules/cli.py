@@ -20,12 +20,13 @@ from torch import nn
 
 from .decompose import resolve_rank
 from .files import check_writable
-from .io import load_merge_state, save_fused, save_merge_state
+from .export import save_fused
+from .merge_state import load_merge_state, save_merge_state
 from .methods import Method, get_method
 from .recipe import AUTOCAST, DTYPES, AdaptSpec, Recipe, RecipeError, load_recipe
+from .safetensors_files import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .sources import (
-    DEFAULT_MAX_SHARD_SIZE, MODEL_KINDS, build_model, cast_tensors_, compute_dtype_of, load_callable, output_dtypes,
-    parse_size, shapes_of, write_hf_folder,
+    MODEL_KINDS, build_model, cast_tensors_, compute_dtype_of, load_callable, output_dtypes, shapes_of, write_hf_folder,
 )
 from .streaming import save_fused_streaming
 from .surgery import merge

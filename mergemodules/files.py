@@ -1,8 +1,9 @@
-"""Output files: temporary names beside an output, cleanup of stale ones, and checks before writing.
+"""Output files written atomically: temporary names beside an output, cleanup of stale ones, checks before writing.
 
-Every output is written to a hidden temporary ``.NAME.PID.XXXXXXXX.tmp`` beside it and renamed into
-place. A process killed mid-write leaves that file behind; the next write of the same output removes
-it when its writer (PID) is no longer running on this machine and it has not changed for a minute.
+The bottom floor of the package: it imports nothing of it. Every output is written to a hidden
+temporary ``.NAME.PID.XXXXXXXX.tmp`` beside it and renamed into place (:func:`atomic_write`). A
+process killed mid-write leaves that file behind; the next write of the same output removes it when
+its writer (PID) is no longer running on this machine and it has not changed for a minute.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import secrets
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["new_temp", "remove_stale_temps", "check_writable", "STALE_AFTER_S"]
+__all__ = ["atomic_write", "new_temp", "remove_stale_temps", "check_writable", "STALE_AFTER_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,3 +80,26 @@ def remove_stale_temps(path: Path, min_age_s: float = STALE_AFTER_S) -> list[Pat
 def check_writable(path: Path) -> None:
     """Create and remove a temporary beside ``path``: raises the OSError (e.g. PermissionError) if it cannot."""
     os.unlink(new_temp(path))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    The file gets the mode a plain ``open()`` gives (the umask's); temporaries of ``path`` left by a
+    killed writer are removed first (:func:`remove_stale_temps`).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist")
+    remove_stale_temps(path)
+    tmp = new_temp(path)
+    try:
+        mode = os.stat(tmp).st_mode & 0o777  # what open() gives under the umask
+        write(str(tmp))
+        os.chmod(tmp, mode)  # writers such as safetensors' save_file recreate the file with mode 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

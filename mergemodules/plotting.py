@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .io import atomic_write
+from .files import atomic_write
 from .masks import hard_masks, task_labels
 from .methods.awd import FittedAWD
 

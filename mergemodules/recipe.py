@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from .build import check_sources
 from .decompose import resolve_rank
 from .methods import Method, get_method
-from .sources import MODEL_KINDS, build_model, open_checkpoint, parse_size, shapes_of
+from .safetensors_files import parse_size
+from .sources import MODEL_KINDS, build_model, open_checkpoint, shapes_of
 from .streaming import check_weights
 from .targets import Entry, method_layout, plan
 

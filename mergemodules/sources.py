@@ -1,54 +1,44 @@
-"""Model sources and checkpoint files: build an architecture, read weights lazily, write them streaming.
+"""Model sources and checkpoint files: build an architecture, read weights lazily, write a Hugging Face folder.
 
 Architectures come from a timm or open_clip model name (built with pretrained weights off), a
 local Hugging Face folder, or a Python callable ``module:function`` / ``file.py:function``.
 Checkpoints are safetensors files (read lazily through a memory map, one tensor per lookup),
-PyTorch files (``torch.load(weights_only=True)``, memory-mapped) or Hugging Face folders.
+PyTorch files (``torch.load(weights_only=True)``, memory-mapped) or Hugging Face folders; each is a
+:class:`LazyCheckpoint`, whose shapes are known without reading a tensor. A new format is a class
+satisfying that protocol, returned by :func:`open_checkpoint`.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import pickle
-import re
 import shutil
-import struct
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from . import safetensors_files
 from .files import new_temp, remove_stale_temps
-from .io import atomic_write
+from .safetensors_files import read_safetensors_header
 
 __all__ = [
-    "MODEL_KINDS", "build_model", "load_callable", "SafetensorsCheckpoint", "open_checkpoint",
-    "shapes_of", "hf_weight_files", "write_safetensors", "write_hf_folder", "WEIGHT_SUFFIXES",
+    "MODEL_KINDS", "build_model", "load_callable", "LazyCheckpoint", "SafetensorsCheckpoint", "open_checkpoint",
+    "shapes_of", "hf_weight_files", "write_hf_folder", "WEIGHT_SUFFIXES",
     "compute_dtype_of", "output_dtypes", "cast_tensors_", "check_floating_dtype", "declare_dtype",
-    "write_safetensors_shards", "plan_shards", "parse_size", "DEFAULT_MAX_SHARD_SIZE",
 ]
 
 logger = logging.getLogger(__name__)
 
 MODEL_KINDS = ("timm", "open_clip", "hf", "callable")
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    **{name: getattr(torch, attr) for name, attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"))
-       if hasattr(torch, attr)},
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-MAX_HEADER_BYTES = 100_000_000  # the limit of the safetensors library itself
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".index.json")
 
 
@@ -156,6 +146,31 @@ def build_model(
 # -------------------------------------------------------------------------------------- checkpoints
 
 
+@runtime_checkable
+class LazyCheckpoint(Protocol):
+    """A checkpoint read lazily: a name → tensor mapping that reads a tensor only when it is looked up,
+    and whose ``meta()`` gives every shape and dtype without reading any (from the file's header).
+
+    Every checkpoint :func:`open_checkpoint` returns satisfies it; the checks before a merge use
+    ``meta()`` alone (:func:`shapes_of`), and refuse a mapping that is neither a dict nor one of these.
+    """
+
+    def __getitem__(self, key: str) -> Tensor:
+        """The tensor ``key``, read now (cast and moved as the checkpoint was opened)."""
+
+    def __iter__(self) -> Iterator[str]:
+        """The tensor names, without reading any tensor."""
+
+    def __len__(self) -> int:
+        """The number of tensors."""
+
+    def __contains__(self, key: object) -> bool:
+        """Whether the checkpoint holds ``key``, without reading it."""
+
+    def meta(self) -> Mapping[str, Tensor]:
+        """Name → a meta tensor of the shape and dtype ``self[name]`` would have, read without the values."""
+
+
 class SafetensorsCheckpoint(Mapping[str, Tensor]):
     """One or more safetensors files as a lazy name → tensor mapping (one tensor read per lookup).
 
@@ -209,77 +224,6 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
             for key, (shape, dtype) in self._header.items()
         }
 
-
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name → (shape, dtype) of every tensor in a safetensors file, from its header alone, fully validated.
-
-    The header must be a JSON object of entries ``{"dtype", "shape", "data_offsets"}`` with a known
-    dtype, a shape of non-negative ints and offsets that match shape × item size and tile the data
-    section exactly (so a truncated or padded file is refused). Any problem is a ValueError naming
-    the file (and the tensor).
-    """
-    path = Path(path)
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise ValueError(f"{size} bytes: too short for a safetensors header")
-            (length,) = struct.unpack("<Q", prefix)
-            if not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
-                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
-            text = f.read(length).decode("utf-8")
-        header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{str(path)!r} is not a safetensors file: its header is not valid JSON: {err}") from None
-    except ValueError as err:
-        raise ValueError(f"{str(path)!r} is not a safetensors file: {err}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{str(path)!r} is not a safetensors file: its header is a JSON {type(header).__name__}, "
-                         "not an object")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError(f"{str(path)!r}: '__metadata__' must map names to strings")
-    tensors = {key: _header_entry(path, key, info) for key, info in header.items()}
-    _check_offsets(path, {key: offsets for key, (_, _, offsets) in tensors.items()}, size - 8 - length)
-    return {key: (shape, dtype) for key, (shape, dtype, _) in tensors.items()}
-
-
-def _header_entry(path: Path, key: str, info: Any) -> tuple[tuple[int, ...], torch.dtype, tuple[int, int]]:
-    """(shape, dtype, data offsets) of one header entry, checked."""
-    where = f"{str(path)!r}: tensor {key!r}"
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise ValueError(f"{where}: expected {{'dtype', 'shape', 'data_offsets'}}, got {str(info)[:80]}")
-    dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
-    if dtype is None:
-        raise ValueError(f"{where}: unknown dtype {info['dtype']!r}; known: {sorted(SAFETENSORS_DTYPES)}")
-    shape, offsets = info["shape"], info["data_offsets"]
-    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
-        raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets):
-        raise ValueError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if offsets[1] - offsets[0] != nbytes:
-        raise ValueError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, shape {shape} "
-                         f"of {info['dtype']} needs {nbytes}")
-    return tuple(shape), dtype, (offsets[0], offsets[1])
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_offsets(path: Path, offsets: Mapping[str, tuple[int, int]], data_size: int) -> None:
-    """The tensors' byte ranges must tile the data section exactly: no gap, no overlap, nothing missing."""
-    position, previous = 0, None
-    for key, (begin, end) in sorted(offsets.items(), key=lambda item: item[1]):
-        if begin != position:
-            problem = f"overlaps tensor {previous!r}" if begin < position else f"leaves a gap at byte {position}"
-            raise ValueError(f"{str(path)!r}: tensor {key!r} at data_offsets {[begin, end]} {problem}")
-        position, previous = end, key
-    if position != data_size:
-        raise ValueError(f"{str(path)!r}: the header describes {position} bytes of tensor data, the file holds "
-                         f"{data_size} (truncated or padded file)")
 
 
 def _target_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
@@ -376,7 +320,7 @@ def _index_files(index: Path) -> list[str]:
 
 def open_checkpoint(
     path: str | os.PathLike, *, key: str | None = None, dtype: torch.dtype | None = None, device: str = "cpu"
-) -> Mapping[str, Tensor]:
+) -> LazyCheckpoint:
     """A checkpoint as a name → tensor mapping: a safetensors file (lazy), a PyTorch file or a Hugging Face folder.
 
     ``key`` names the entry of a PyTorch file that holds the state dict (e.g. ``"state_dict"``).
@@ -400,10 +344,19 @@ def open_checkpoint(
     return _Converted(_torch_load(path, key), dtype, device)
 
 
-def shapes_of(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-    """A view of ``state`` whose tensors need not be read: meta tensors for lazy checkpoints."""
-    meta = getattr(state, "meta", None)
-    return meta() if callable(meta) else state
+def shapes_of(state: Mapping[str, Tensor], name: str = "state") -> Mapping[str, Tensor]:
+    """``state`` with nothing read: a :class:`LazyCheckpoint`'s ``meta()``, or a dict (in memory) itself.
+
+    Any other mapping is a TypeError naming ``name``: its tensors might be read from disk to learn their shapes.
+    """
+    if isinstance(state, LazyCheckpoint):
+        return state.meta()
+    if isinstance(state, dict):
+        return state
+    raise TypeError(
+        f"{name} is a {type(state).__name__}, neither a dict of tensors nor a lazy checkpoint with meta() "
+        "(mergemodules.sources.LazyCheckpoint): give it a meta() returning meta tensors, or pass dict(...)"
+    )
 
 
 def compute_dtype_of(stored: Mapping[str, Tensor]) -> torch.dtype:
@@ -431,165 +384,6 @@ def check_floating_dtype(dtype: torch.dtype | None, name: str) -> None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"{name} must be a floating torch.dtype such as torch.bfloat16 or None, got {dtype!r}")
 
-
-# ------------------------------------------------------------------------------------------ writing
-
-DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # "5GB": mergekit's default and transformers 4's (transformers 5 uses 50GB)
-SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-INDEX_NAME = "model.safetensors.index.json"
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes of a size given as a positive int or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"``.
-
-    Units as transformers' ``max_shard_size``: KB, MB, GB, TB are powers of 1000; KiB … TiB powers of 1024.
-    """
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", value, re.IGNORECASE)
-        if match is None:
-            raise ValueError(f"{value!r}: expected a size such as '5GB', '500MB', '2GiB' or a number of bytes")
-        size = int(float(match[1]) * SIZE_UNITS[(match[2] or "B").upper()])
-    elif isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        raise ValueError(f"{value!r}: expected a size such as '5GB', '500MB', '2GiB' or a number of bytes")
-    if size <= 0:
-        raise ValueError(f"{value!r}: expected a positive size")
-    return size
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-
-
-def plan_shards(layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]], max_shard_size: int) -> list[list[str]]:
-    """The names of each shard, in ``layout``'s order: a new shard starts when the next tensor would take the
-    current one past ``max_shard_size`` bytes of tensor data (a larger tensor gets a shard of its own), as
-    transformers' ``save_pretrained`` splits a state dict."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, (shape, dtype) in layout.items():
-        nbytes = _nbytes(shape, dtype)
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
-class _SafetensorsWriter:
-    """One safetensors file being written: its header (from the layout) first, then each tensor at its offset."""
-
-    def __init__(self, path: Path, file: Any, layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-                 metadata: Mapping[str, str] | None) -> None:
-        self.path, self.file, self.layout = path, file, layout
-        header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-        self.offsets, position = {}, 0
-        for name, (shape, dtype) in layout.items():
-            size = _nbytes(shape, dtype)
-            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
-                            "data_offsets": [position, position + size]}
-            self.offsets[name] = position
-            position += size
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        self.start = 8 + len(encoded)
-        file.write(struct.pack("<Q", len(encoded)) + encoded)
-        file.truncate(self.start + position)
-        self.written: set[str] = set()
-
-    def write(self, name: str, tensor: Tensor) -> None:
-        """Write ``tensor`` at its place; it must be declared, new, and of its declared shape and dtype."""
-        if name not in self.layout:
-            raise KeyError(f"{str(self.path)!r}: tensor {name!r} is not in the declared layout")
-        if name in self.written:
-            raise KeyError(f"{str(self.path)!r}: tensor {name!r} written twice")
-        shape, dtype = self.layout[name]
-        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            raise ValueError(f"{str(self.path)!r}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
-                             f"declared {tuple(shape)} {dtype}")
-        self.file.seek(self.start + self.offsets[name])
-        self.file.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        self.written.add(name)
-
-    def check_complete(self) -> None:
-        """Raise a KeyError naming the declared tensors that never came."""
-        missing = [name for name in self.layout if name not in self.written]
-        if missing:
-            raise KeyError(f"{str(self.path)!r}: {len(missing)} tensor(s) never written: {missing[:5]}")
-
-
-def write_safetensors(
-    path: str | os.PathLike,
-    layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-    tensors: Iterable[tuple[str, Tensor]],
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Write a safetensors file tensor by tensor, as ``tensors`` yields them (any order).
-
-    ``layout`` (name → shape, dtype) fixes the header up front, so no more than one tensor is held
-    here at a time. Every name must arrive exactly once with its declared shape and dtype; the file
-    is written atomically and left absent on any error.
-    """
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            writer = _SafetensorsWriter(Path(path), f, layout, metadata)
-            for name, tensor in tensors:
-                writer.write(name, tensor)
-            writer.check_complete()
-
-    return atomic_write(path, write)
-
-
-def write_safetensors_shards(
-    folder: str | os.PathLike,
-    layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-    tensors: Iterable[tuple[str, Tensor]],
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    metadata: Mapping[str, str] | None = None,
-) -> list[Path]:
-    """Write weights into ``folder`` as ``save_pretrained`` does; returns the files written.
-
-    ``model.safetensors`` when they fit in ``max_shard_size`` bytes (an int or ``"5GB"``), else
-    ``model-0000k-of-0000n.safetensors`` shards (:func:`plan_shards`) and ``model.safetensors.index.json``
-    (``metadata.total_size``, ``weight_map``). As :func:`write_safetensors`: tensor by tensor in any
-    order, every shard's header first. The files go straight into ``folder``, which must exist; on
-    an error they are removed. Build the folder with :func:`write_hf_folder` for an atomic output.
-    """
-    folder = Path(folder)
-    shards = plan_shards(layout, parse_size(max_shard_size))
-    if len(shards) == 1:
-        return [write_safetensors(folder / "model.safetensors", layout, tensors, metadata)]
-    files = [folder / f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
-    shard_of = {name: k for k, names in enumerate(shards) for name in names}
-    created: list[Path] = []  # removed on an error (files already there are never touched: "x" mode)
-    try:
-        with contextlib.ExitStack() as stack:
-            writers = []
-            for path, names in zip(files, shards):
-                file = stack.enter_context(open(path, "xb"))
-                created.append(path)
-                writers.append(_SafetensorsWriter(path, file, {name: layout[name] for name in names}, metadata))
-            for name, tensor in tensors:
-                if name not in shard_of:
-                    raise KeyError(f"{str(folder)!r}: tensor {name!r} is not in the declared layout")
-                writers[shard_of[name]].write(name, tensor)
-            for writer in writers:
-                writer.check_complete()
-        total = {"total_parameters": sum(math.prod(shape) for shape, _ in layout.values()),
-                 "total_size": sum(_nbytes(shape, dtype) for shape, dtype in layout.values())}
-        weight_map = {name: files[shard_of[name]].name for name in layout}
-        with open(folder / INDEX_NAME, "x", encoding="utf-8") as f:
-            created.append(folder / INDEX_NAME)
-            f.write(json.dumps({"metadata": total, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
-    except BaseException:
-        for path in created:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        raise
-    return created
 
 
 def write_hf_folder(out: Path, model_folder: Path, write: Callable[[Path], None], force: bool = False) -> Path:
@@ -646,3 +440,16 @@ def declare_dtype(folder: Path) -> torch.dtype | None:
         config.update(dict.fromkeys(keys, name))
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return dtype
+
+
+_MOVED = ("write_safetensors", "write_safetensors_shards", "plan_shards", "parse_size", "DEFAULT_MAX_SHARD_SIZE",
+          "SAFETENSORS_DTYPES", "MAX_HEADER_BYTES", "INDEX_NAME", "SIZE_UNITS")
+
+
+def __getattr__(name: str) -> Any:
+    """The writer's names, moved to :mod:`mergemodules.safetensors_files` (deprecated here for one release)."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"mergemodules.sources.{name} moved to mergemodules.safetensors_files.{name}; "
+                  "the old name goes in the next release", DeprecationWarning, stacklevel=2)
+    return getattr(safetensors_files, name)

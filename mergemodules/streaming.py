@@ -15,7 +15,6 @@ entry once, not each task's change.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -23,14 +22,12 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .build import as_source, check_sources, iter_merged_tensors, merge_buffers
+from .build import check_sources, iter_merged_tensors, merge_buffers, prepare
 from .layers import check_finite
-from .methods import Method, get_method
-from .sources import (
-    _Converted, check_floating_dtype, compute_dtype_of, output_dtypes, parse_size, shapes_of, write_safetensors,
-    write_safetensors_shards,
-)
-from .targets import Entry, Patterns, is_selected, plan
+from .methods import Method
+from .safetensors_files import parse_size, write_safetensors, write_safetensors_shards
+from .sources import _Converted, check_floating_dtype, compute_dtype_of, output_dtypes, shapes_of
+from .targets import Entry, Patterns
 
 __all__ = ["fuse_streaming", "merge_to_state_dict", "save_fused_streaming", "check_weights"]
 
@@ -55,7 +52,7 @@ class _EntryValues(Mapping[str, Tensor]):
 def check_weights(entries: Sequence[Entry], weights: Mapping[str, Tensor], model: nn.Module) -> list[str]:
     """Check ``weights`` against the architecture; returns the buffer keys (state-dict keys that are no parameter)."""
     as_merged = [dataclasses.replace(e, merged=True) for e in entries]
-    shapes = shapes_of(weights)
+    shapes = shapes_of(weights, "weights")
     model_keys = set(model.state_dict())
     check_sources(as_merged, [shapes], model_keys, labels=["the pretrained weights"])
     parameter_names = {n for e in entries for n in e.names}
@@ -100,23 +97,18 @@ def fuse_streaming(
     """
     check_floating_dtype(dtype, "dtype")
     check_floating_dtype(out_dtype, "out_dtype")
-    method = get_method(method, **options)
-    if not isinstance(finetuned, Sequence) or isinstance(finetuned, (str, bytes)) or len(finetuned) == 0:
-        raise ValueError("finetuned: need a non-empty list of fine-tuned models or state dicts")
-    sources = [as_source(item, i, pretrained) for i, item in enumerate(finetuned)]
     weights = pretrained.state_dict() if weights is None else weights
-    entries = plan(pretrained, targets, exclude, matrices)
+    setup = prepare(pretrained, finetuned, method, targets=targets, exclude=exclude, matrices=matrices, **options)
+    entries = setup.entries
     buffers = check_weights(entries, weights, pretrained)
-    check_sources(entries, [shapes_of(s) for s in sources], set(pretrained.state_dict()))
-    stored = shapes_of(weights)
+    stored = shapes_of(weights, "weights")
     dtype = dtype or compute_dtype_of(stored)
     values = _EntryValues(_Converted(weights, dtype, None), entries)
-    sources = [_Converted(source, dtype, None) for source in sources]
-    selected = functools.partial(is_selected, targets=targets, exclude=exclude)
+    sources = [_Converted(source, dtype, None) for source in setup.sources]
     out = output_dtypes(stored, out_dtype)
     # buffers in their output dtype: a merged one (a float64 mean) is then rounded once, straight to it
-    buffers = merge_buffers({key: weights[key].to(out[key]) for key in buffers}, sources, selected)
-    return _fused(entries, values, buffers, sources, method, out, progress)
+    buffers = merge_buffers({key: weights[key].to(out[key]) for key in buffers}, sources, setup.selected)
+    return _fused(entries, values, buffers, sources, setup.method, out, progress)
 
 
 def _fused(
@@ -161,12 +153,12 @@ def save_fused_streaming(
     tensors stored as it stores them), shapes and dtypes (floating ones: ``out_dtype`` when given);
     without, the model's state-dict keys. ``dtype``/``out_dtype``: see :func:`fuse_streaming`.
     With ``max_shard_size`` (bytes or ``"5GB"``), ``path`` is an existing folder that receives
-    ``model.safetensors`` or its shards and index (:func:`~mergemodules.sources.write_safetensors_shards`).
+    ``model.safetensors`` or its shards and index (:func:`~mergemodules.safetensors_files.write_safetensors_shards`).
     """
     weights = pretrained.state_dict() if weights is None else weights
     check_floating_dtype(out_dtype, "out_dtype")
     shard_size = None if max_shard_size is None else parse_size(max_shard_size)
-    stored = shapes_of(weights)
+    stored = shapes_of(weights, "weights")
     out = output_dtypes(stored, out_dtype)
     order = {key: i for i, key in enumerate(pretrained.state_dict())}  # the model's order, as save_pretrained's
     keys = sorted(stored, key=lambda key: order.get(key, len(order)))

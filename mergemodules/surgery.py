@@ -17,10 +17,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .build import as_source, build_merged_tensors, check_sources, fit_transform, merge_buffers, persistent_buffers
-from .layers import MergedLayer, MergedTensor, MergedWeight, _Merged, check_finite, weight_cache
-from .methods import Method, Transform, get_method
-from .targets import Entry, Patterns, is_selected, merged_layer_for, plan
+from .build import build_merged_tensors, fit_transform, merge_buffers, persistent_buffers, prepare
+from .layers import MergedLayer, MergedWeight, _Merged, check_finite, weight_cache
+from .methods import Method, Transform
+from .targets import Entry, Patterns, merged_layer_for
 
 __all__ = ["MergedModel", "merge", "install"]
 
@@ -213,14 +213,10 @@ def merge(
             solver ``svd`` (``"exact"``, the default; ``"randomized"`` or ``"auto"``) with ``svd_options``
             (e.g. ``{"oversample": 20, "power_iters": 6}``); see docs/methods.md.
     """
-    method = get_method(method, **options)
-    if not isinstance(finetuned, Sequence) or isinstance(finetuned, (str, bytes)) or len(finetuned) == 0:
-        raise ValueError("finetuned: need a non-empty list of fine-tuned models or state dicts")
-    sources = [as_source(item, i, pretrained) for i, item in enumerate(finetuned)]
-    entries = plan(pretrained, targets, exclude, matrices)
-    check_sources(entries, sources, set(pretrained.state_dict()))
+    setup = prepare(pretrained, finetuned, method, targets=targets, exclude=exclude, matrices=matrices, **options)
+    method, sources, entries = setup.method, setup.sources, setup.entries
     params = dict(pretrained.named_parameters(remove_duplicate=False))
-    buffers = merge_buffers(persistent_buffers(pretrained), sources, lambda name: is_selected(name, targets, exclude))
+    buffers = merge_buffers(persistent_buffers(pretrained), sources, setup.selected)
     transform = fit_transform(entries, params, sources, method)
     merged = build_merged_tensors(entries, params, sources, method, progress=progress, transform=transform)
     if copy:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import World
-from .io import atomic_write
+from .files import atomic_write
 from .layers import _Merged
 from .streams import Stream
 

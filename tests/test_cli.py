@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import mergemodules as mm
 from helpers import perturbed
 from mergemodules.cli import main, memory_plan
-from mergemodules.io import save_merge_state
+from mergemodules.merge_state import save_merge_state
 from mergemodules.methods import with_awd
 from recipe_setup import HERE, adapt_tasks, gpt2_folders, timm_model, timm_recipe, write_recipe, write_timm_checkpoints
 
@@ -196,7 +196,7 @@ def test_adapt_equals_the_in_python_loop(tmp_path: Path) -> None:
     mm.adapt(merged, adapt_tasks(batches=2), steps=3, lr=0.01, seed=0)
     assert not torch.equal(merged.merged_tensors()["blocks.0.mlp.fc1.weight"].coef.detach(), torch.full((2,), 0.3))
     assert_same_state(load_file(tmp_path / "adapted.safetensors"), merged.fuse().state_dict())
-    state = mm.io.load_merge_state(timm_model(), tmp_path / "state.safetensors")
+    state = mm.load_merge_state(timm_model(), tmp_path / "state.safetensors")
     name = "blocks.0.mlp.fc1.weight"
     assert torch.equal(state.merged_tensors()[name].coef, merged.merged_tensors()[name].coef)
 

@@ -73,7 +73,7 @@ def test_merge_adapt_fuse_export_on_cuda(family: str, tmp_path) -> None:
         x = inputs[0].cuda()
         torch.testing.assert_close(output_tensor(fused(x)), output_tensor(gpu(x)), rtol=1e-4, atol=1e-5)
 
-    path = mm.io.save_fused(gpu, tmp_path / "fused.safetensors")
+    path = mm.save_fused(gpu, tmp_path / "fused.safetensors")
     state = load_file(path)
     reference = cpu.eval().fuse().state_dict()
     for key, value in state.items():
@@ -84,7 +84,7 @@ def test_merge_adapt_fuse_export_on_cuda(family: str, tmp_path) -> None:
 def test_streaming_merge_with_device_cuda(method: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``device: cuda`` in a recipe: shards read on the CPU, every merged tensor built and evaluated on the GPU,
     the fused tensor handed to the writer (which copies it back) from the GPU; the output equals the CPU merge."""
-    import mergemodules.sources
+    import mergemodules.safetensors_files
     import mergemodules.streaming
     from mergemodules.cli import main
     from recipe_setup import write_recipe
@@ -94,7 +94,7 @@ def test_streaming_merge_with_device_cuda(method: str, tmp_path, monkeypatch: py
     for i in range(2):
         perturbed(model, seed=i + 1).save_pretrained(tmp_path / f"task{i}", max_shard_size=20_000)
     merged_on, written_from = set(), set()
-    iterate, write = mergemodules.streaming.iter_merged_tensors, mergemodules.sources._SafetensorsWriter.write
+    iterate, write = mergemodules.streaming.iter_merged_tensors, mergemodules.safetensors_files._SafetensorsWriter.write
 
     def watched_iterate(*args, **kwargs):
         for entry, module in iterate(*args, **kwargs):
@@ -106,7 +106,7 @@ def test_streaming_merge_with_device_cuda(method: str, tmp_path, monkeypatch: py
         write(self, name, tensor)
 
     monkeypatch.setattr(mergemodules.streaming, "iter_merged_tensors", watched_iterate)
-    monkeypatch.setattr(mergemodules.sources._SafetensorsWriter, "write", watched_write)
+    monkeypatch.setattr(mergemodules.safetensors_files._SafetensorsWriter, "write", watched_write)
     outputs = {}
     for device in ("cuda", "cpu"):
         merged_on.clear()

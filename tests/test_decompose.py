@@ -244,7 +244,7 @@ def test_bad_input_is_an_error_naming_it(call, error, match):
 
 
 def test_merge_takes_the_solver_and_records_it_in_the_merge_state(tmp_path):
-    from mergemodules.io import load_merge_state, save_merge_state
+    from mergemodules.merge_state import load_merge_state, save_merge_state
 
     pretrained, *tuned = finetuned_task_vectors(tasks=2, steps=5)
     exact = mm.merge(pretrained, tuned, "cart", rank=0.5)
@@ -269,7 +269,7 @@ def test_a_merge_state_from_before_the_svd_option_records_the_auto_solver(tmp_pa
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mergemodules.io import FORMAT, load_merge_state, save_merge_state
+    from mergemodules.merge_state import FORMAT, load_merge_state, save_merge_state
 
     pretrained, *tuned = finetuned_task_vectors(tasks=2, steps=5)
     path = save_merge_state(mm.merge(pretrained, tuned, "cart"), tmp_path / "state.safetensors")

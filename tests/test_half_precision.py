@@ -217,7 +217,7 @@ def test_fuse_command_writes_the_checkpoints_dtype(checkpoints: tuple[Path, torc
     folder, dtype = checkpoints
     tasks = [folder / f"task{i}" for i in range(TASKS)]
     merged = mm.merge(*load_models(folder / "base", tasks, torch.float32), "cart")
-    mm.io.save_merge_state(merged, tmp_path / "state.safetensors")
+    mm.save_merge_state(merged, tmp_path / "state.safetensors")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({"model": {"hf": str(folder / "base")}, "tasks": [str(t) for t in tasks],
                                   "method": "cart"}))
@@ -251,12 +251,12 @@ def test_save_fused_dtype(tmp_path: Path) -> None:
     base = torch.nn.Linear(8, 8)
     tuned = [perturbed(base, seed=s) for s in (1, 2)]
     merged = mm.merge(base, tuned, "task_arithmetic")
-    mm.io.save_fused(merged, tmp_path / "out.safetensors", dtype=torch.bfloat16)
+    mm.save_fused(merged, tmp_path / "out.safetensors", dtype=torch.bfloat16)
     written = load_file(tmp_path / "out.safetensors")
     fused = merged.fuse().state_dict()
     assert all(written[k].dtype == torch.bfloat16 and torch.equal(written[k], fused[k].bfloat16()) for k in fused)
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
-        mm.io.save_fused(merged, tmp_path / "bad.safetensors", dtype="bf16")
+        mm.save_fused(merged, tmp_path / "bad.safetensors", dtype="bf16")
 
 
 def test_streaming_dtype_arguments_are_checked() -> None:

@@ -18,11 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import mergemodules as mm
-import mergemodules.sources
+import mergemodules.safetensors_files
 from helpers import perturbed
 from mergemodules.cli import main
-from mergemodules.io import save_merge_state
-from mergemodules.sources import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, write_safetensors_shards
+from mergemodules.merge_state import save_merge_state
+from mergemodules.safetensors_files import DEFAULT_MAX_SHARD_SIZE, parse_size, plan_shards, write_safetensors_shards
 from recipe_setup import line_of, write_recipe
 
 SHARD = 20_000  # bytes: the tiny Llama (45 KB in bf16) takes 3 shards, as save_pretrained(max_shard_size="20KB")
@@ -232,7 +232,7 @@ def test_a_failed_sharded_write_leaves_the_previous_output(zoo: Path, monkeypatc
     assert merge(zoo, "kept", "--max-shard-size", "20KB") == 0
     previous = digest(zoo / "kept")
     calls = []
-    write = mergemodules.sources._SafetensorsWriter.write
+    write = mergemodules.safetensors_files._SafetensorsWriter.write
 
     def failing(self, name: str, tensor: torch.Tensor) -> None:
         calls.append(name)
@@ -240,7 +240,7 @@ def test_a_failed_sharded_write_leaves_the_previous_output(zoo: Path, monkeypatc
             raise OSError(28, "No space left on device")
         write(self, name, tensor)
 
-    monkeypatch.setattr(mergemodules.sources._SafetensorsWriter, "write", failing)
+    monkeypatch.setattr(mergemodules.safetensors_files._SafetensorsWriter, "write", failing)
     assert merge(zoo, "kept", "--max-shard-size", "20KB", "--force") == 3
     assert merge(zoo, "new", "--max-shard-size", "20KB") == 3
     assert digest(zoo / "kept") == previous and not (zoo / "new").exists()

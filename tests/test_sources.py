@@ -11,9 +11,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import mergemodules as mm
+import mergemodules.sources
 from helpers import hf_gpt2, perturbed
+from mergemodules.export import fused_state_dict
+from mergemodules.safetensors_files import write_safetensors
 from mergemodules.sources import (
-    SafetensorsCheckpoint, build_model, load_callable, open_checkpoint, write_safetensors,
+    LazyCheckpoint, SafetensorsCheckpoint, build_model, load_callable, open_checkpoint, shapes_of,
 )
 from mergemodules.streaming import fuse_streaming, merge_to_state_dict, save_fused_streaming
 
@@ -62,6 +65,67 @@ def test_safetensors_checkpoint_is_lazy_and_exact(tmp_path: Path) -> None:
     assert {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in meta.items()} == {
         k: (tuple(v.shape), v.dtype, "meta") for k, v in STATE.items()
     }
+
+
+def test_every_checkpoint_format_is_a_lazy_checkpoint(tmp_path: Path) -> None:
+    save_file(STATE, tmp_path / "x.safetensors")
+    torch.save(STATE, tmp_path / "x.pt")
+    hf_gpt2().save_pretrained(tmp_path / "bin", safe_serialization=False)
+    for path in ("x.safetensors", "x.pt", "bin"):
+        checkpoint = open_checkpoint(tmp_path / path)
+        assert isinstance(checkpoint, LazyCheckpoint)
+        assert {k: (v.shape, v.dtype) for k, v in shapes_of(checkpoint).items()} == {
+            k: (checkpoint[k].shape, checkpoint[k].dtype) for k in checkpoint
+        }
+    readers = [cls for cls in vars(mergemodules.sources).values()
+               if isinstance(cls, type) and issubclass(cls, Mapping) and cls.__module__ == "mergemodules.sources"]
+    assert len(readers) >= 2 and all(callable(getattr(cls, "meta", None)) for cls in readers)
+    assert isinstance(CountingSource(STATE), LazyCheckpoint) and not isinstance(dict(STATE), LazyCheckpoint)
+
+
+class Unreadable(Mapping[str, Tensor]):
+    """A lazy mapping without meta(): its shapes are known only by reading every tensor."""
+
+    def __init__(self, state: Mapping[str, Tensor]) -> None:
+        self.state, self.reads = state, 0
+
+    def __getitem__(self, key: str) -> Tensor:
+        self.reads += 1
+        return self.state[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+def test_a_mapping_without_meta_is_refused_not_read() -> None:
+    assert shapes_of(STATE) is STATE
+    base = small_open_clip_vit()
+    tuned = Unreadable(perturbed(base, seed=1).state_dict())
+    for run in (mm.merge, fuse_streaming):
+        with pytest.raises(TypeError, match=r"finetuned\[1\] is a Unreadable, neither a dict.*nor a lazy checkpoint "
+                                            r"with meta\(\).*LazyCheckpoint"):
+            run(base, [perturbed(base, seed=2).state_dict(), tuned], "task_arithmetic")
+    with pytest.raises(TypeError, match=r"weights is a Unreadable"):
+        fuse_streaming(base, [perturbed(base, seed=2)], weights=Unreadable(base.state_dict()))
+    assert tuned.reads == 0
+    merged = mm.merge(base, [dict(tuned)], "task_arithmetic")  # the fix the message names
+    assert merged.num_tasks == 1
+
+
+@pytest.mark.parametrize("name", ["write_safetensors", "write_safetensors_shards", "plan_shards", "parse_size",
+                                  "DEFAULT_MAX_SHARD_SIZE", "SAFETENSORS_DTYPES", "INDEX_NAME"])
+def test_the_writer_names_moved_out_of_sources_with_a_deprecation_warning(name: str) -> None:
+    import mergemodules.safetensors_files
+
+    with pytest.warns(DeprecationWarning, match=rf"mergemodules\.sources\.{name} moved to "
+                                                rf"mergemodules\.safetensors_files\.{name}"):
+        value = getattr(mergemodules.sources, name)
+    assert value is getattr(mergemodules.safetensors_files, name)
+    with pytest.raises(AttributeError, match="has no attribute 'write_nothing'"):
+        mergemodules.sources.write_nothing
 
 
 def test_dtype_casts_floating_tensors_only(tmp_path: Path) -> None:
@@ -162,8 +226,8 @@ def test_layer_by_layer_merge_equals_in_memory_merge(tmp_path: Path, family: str
     base = MODELS[family]()
     finetuned = [perturbed(base, seed=s, rank=2) for s in range(1, 4)]
     for i, model in enumerate(finetuned):
-        save_file({k: v.contiguous() for k, v in mm.io.fused_state_dict(model).items()}, tmp_path / f"t{i}.safetensors")
-    save_file(mm.io.fused_state_dict(base), tmp_path / "base.safetensors")
+        save_file({k: v.contiguous() for k, v in fused_state_dict(model).items()}, tmp_path / f"t{i}.safetensors")
+    save_file(fused_state_dict(base), tmp_path / "base.safetensors")
     lazy = [SafetensorsCheckpoint(tmp_path / f"t{i}.safetensors") for i in range(3)]
     with torch.device("meta"):
         architecture = MODELS[family]()  # shapes only: the values come from the files

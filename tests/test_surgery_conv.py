@@ -136,8 +136,8 @@ def test_finite_difference_of_a_conv_lambda():
 def test_merge_state_and_streaming_keep_the_conv_layout(tmp_path):
     base, tuned = zoo(tasks=2)
     merged = mm.merge(base, tuned, "cart", rank=0.5, matrices=CONVS).eval()
-    mm.io.save_merge_state(merged, tmp_path / "state.safetensors")
-    loaded = mm.io.load_merge_state(resnet(), tmp_path / "state.safetensors").eval()
+    mm.save_merge_state(merged, tmp_path / "state.safetensors")
+    loaded = mm.load_merge_state(resnet(), tmp_path / "state.safetensors").eval()
     assert sum(isinstance(m, MergedConv2d) for m in loaded.modules()) == 15
     x = inputs()
     with torch.no_grad():
@@ -195,17 +195,17 @@ def test_merge_state_with_a_bad_kernel_shape_is_an_error(tmp_path, shape, messag
 
     base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
     path = tmp_path / "state.safetensors"
-    mm.io.save_merge_state(mm.merge(base, [perturbed(base, seed=1)], "cart", matrices=CONVS), path)
+    mm.save_merge_state(mm.merge(base, [perturbed(base, seed=1)], "cart", matrices=CONVS), path)
     with safe_open(str(path), framework="pt") as f:
-        header = json.loads(f.metadata()[mm.io.FORMAT])
+        header = json.loads(f.metadata()[mm.merge_state.FORMAT])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     assert header["tensors"]["0.weight"]["layout"] == "out_in_kernel" and header["tensors"]["0.weight"]["shape"] == [4, 3, 3, 3]
     header["tensors"]["0.weight"]["shape"] = shape
     if shape is None:
         del header["tensors"]["0.weight"]["shape"]
-    save_file(tensors, str(path), metadata={mm.io.FORMAT: json.dumps(header)})
+    save_file(tensors, str(path), metadata={mm.merge_state.FORMAT: json.dumps(header)})
     with pytest.raises(ValueError, match=message):
-        mm.io.load_merge_state(base, path)
+        mm.load_merge_state(base, path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import mergemodules as mm
-from mergemodules.io import FORMAT, load_merge_state, save_fused, save_merge_state
+from mergemodules.export import save_fused
+from mergemodules.merge_state import FORMAT, load_merge_state, save_merge_state
 from mergemodules.layers import MergedWeight
 from mergemodules.streaming import merge_to_state_dict, save_fused_streaming
 from tta_setup import one_thread  # noqa: F401  (autouse fixture)
@@ -287,6 +288,11 @@ def _drop_tensor(key: str) -> Callable[[Any, dict], None]:
     (_drop_tensor("fc.weight::base"), ["'tensors'['fc.weight']", "fc.weight::base"]),
     (_set("buffers", value="bn.running_mean"), ["'buffers'"]),
     (_drop_tensor("bn.running_var::buffer"), ["'buffers'"]),
+    (_set("transform", value="ties"), ["'transform'", "'ties'"]),
+    (_set("transform", "method", value={"tensor": "nowhere"}), ["'transform'", "no tensor 'nowhere'"]),
+    (_set("transform", "method", value={"sparse": 1}), ["'transform'", "{'sparse': 1}"]),
+    (_set("transform", "method", value={"transform": {"class": "mergemodules.methods.ties:Ties",
+                                                      "fields": {"density": 7}}}), ["'transform'", "density=7"]),
 ])
 def test_tampered_merge_state_metadata_is_a_value_error_naming_file_and_key(tmp_path, edit, fragments):
     tampered = _tamper(_state_file(tmp_path), edit)

@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 
 import mergemodules as mm
 import mergemodules.cli
-import mergemodules.sources
+import mergemodules.safetensors_files
 from mergemodules.cli import main
 from mergemodules.files import check_writable
-from mergemodules.io import load_merge_state, save_merge_state
+from mergemodules.merge_state import load_merge_state, save_merge_state
 from recipe_setup import (
     HERE, callable_recipe, gpt2_folders, line_of, timm_model, timm_recipe, write_recipe, write_timm_checkpoints,
 )
@@ -311,7 +311,7 @@ class FullDisk:
 def test_full_disk_keeps_the_previous_output(folder: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     (folder / "merged.safetensors").write_bytes(b"an earlier result")
     before = digest(folder)
-    monkeypatch.setattr(mergemodules.sources, "open", FullDisk, raising=False)
+    monkeypatch.setattr(mergemodules.safetensors_files, "open", FullDisk, raising=False)
     code, err = run_main(capsys, "merge", folder / "recipe.yaml", "--force")
     assert code == 3
     one_error_line(err, "No space left on device", str(folder / "merged.safetensors"))
@@ -324,7 +324,7 @@ def test_a_checkpoint_that_cannot_be_read(folder: Path, monkeypatch: pytest.Monk
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return builtins.open(path, *args, **kwargs)
 
-    monkeypatch.setattr(mergemodules.sources, "open", refuse, raising=False)
+    monkeypatch.setattr(mergemodules.safetensors_files, "open", refuse, raising=False)
     before = digest(folder)
     code, err = run_main(capsys, "merge", folder / "recipe.yaml", "--check")
     assert code == 3

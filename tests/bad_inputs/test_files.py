@@ -17,10 +17,11 @@ import yaml
 from safetensors.torch import save_file
 
 import mergemodules as mm
-from mergemodules.files import new_temp, remove_stale_temps
-from mergemodules.io import atomic_write, save_fused
+from mergemodules.export import save_fused
+from mergemodules.files import atomic_write, new_temp, remove_stale_temps
 from mergemodules.recipe import CheckpointError, RecipeError, load_recipe, parse_recipe
-from mergemodules.sources import SafetensorsCheckpoint, open_checkpoint, read_safetensors_header, write_hf_folder
+from mergemodules.safetensors_files import read_safetensors_header
+from mergemodules.sources import SafetensorsCheckpoint, open_checkpoint, write_hf_folder
 from recipe_setup import callable_recipe, line_of, timm_recipe, write_recipe, write_timm_checkpoints
 
 W = {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}  # one valid entry: 2·3 float32 = 24 bytes
@@ -325,4 +326,4 @@ def test_new_temp_is_hidden_beside_the_output(tmp_path: Path) -> None:
     tmp = new_temp(tmp_path / "x.safetensors")
     assert tmp.parent == tmp_path and tmp.name.startswith(f".x.safetensors.{os.getpid()}.") and tmp.is_file()
     assert remove_stale_temps(tmp_path / "x.safetensors", min_age_s=0) == []  # our own pid: kept
-    assert mm.io.atomic_write(tmp_path / "x.safetensors", lambda t: Path(t).write_bytes(b"1")).read_bytes() == b"1"
+    assert atomic_write(tmp_path / "x.safetensors", lambda t: Path(t).write_bytes(b"1")).read_bytes() == b"1"
