@@ -34,7 +34,8 @@ _FORMAT_1 = "mergemodules.tta/1"  # one process; read for resume
 def _digest(tensor: Tensor, samples: int = 16) -> str:
     """A short hash of a tensor's shape, dtype and ``samples`` evenly spaced values (exact, device-independent)."""
     flat = tensor.detach().reshape(-1)
-    index = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel())).round().long()
+    last, count = max(flat.numel() - 1, 0), min(samples, flat.numel())  # float64: exact positions past 2^24 entries
+    index = torch.linspace(0, last, count, dtype=torch.float64).round().long()
     values = flat[index.to(flat.device)].double().cpu().tolist()
     return hashlib.sha256(repr((tuple(tensor.shape), str(tensor.dtype), values)).encode()).hexdigest()[:16]
 
