@@ -45,7 +45,7 @@ def machine_line() -> str:
 
 def write_section(md_path: str, key: str, body: str) -> None:
     """Replace (or append) the block between this benchmark's ``key`` markers; the rest of the file is kept."""
-    from mergemodules.io import atomic_write
+    from mergemodules.files import atomic_write
 
     begin, end = f"<!-- benchmarks.accuracy {key} BEGIN -->", f"<!-- benchmarks.accuracy {key} END -->"
     block = f"{begin}\n{body.rstrip()}\n{end}\n"
@@ -274,7 +274,8 @@ def _body(cfg: SuiteConfig, zoo: Zoo, results: list[T.Result], sweep, diag, rel:
                  f"batch entropy of each {rc.track_every}-step window): plateau at step s when the entropy fell by at "
                  f"most {rc.plateau_rel:g} × its decrease since step 0 (+ {rc.plateau_tol:g} × E(0) + the 95 % noise of the "
                  f"window means) over the last "
-                 f"{rc.plateau_window} steps. Rows marked **not reached** have no plateau within the budget.", "", adapt, ""]
+                 f"{rc.plateau_window} steps (means over whole {rc.plateau_window}-step windows). Rows marked **not reached** "
+                 "have no plateau within the budget.", "", adapt, ""]
     body += ["Diagnostics: cosine of the task vectors (flattened encoder) — τ = θ_t − θ₀:", "",
              cosine_table(zoo.names, diag["cosine"]), "", "centered τ̄ = θ_t − θ_avg:", "",
              cosine_table(zoo.names, diag["cosine_centered"]), "",

@@ -251,8 +251,9 @@ def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str
     """Entropy minimisation on every task's unlabeled test inputs for the step budget, then the plateau rule.
 
     One call of the library's loop (Adam state kept over the whole budget). The entropy curve: E(0) over
-    all test inputs, then the mean batch entropy over each window of ``track_every`` steps; accuracy on the
-    first ``track_examples`` test examples of each task every ``track_every`` steps (labels used only there).
+    all test inputs, then the mean batch entropy over each window of ``track_every`` steps (plotted); the
+    plateau rule compares the means of the last ``plateau_window`` steps and of the window before. Accuracy on
+    the first ``track_examples`` test examples of each task every ``track_every`` steps (labels used only there).
     """
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -271,11 +272,15 @@ def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str
     accuracy = {h["step"]: _mean(h["accuracy"]) for h in history if "accuracy" in h}
     k = rc.track_every
     track = [{"step": 0, "entropy": sum(_entropies(start).values()), "accuracy": accuracy[0]}]
-    track += [{"step": s, "entropy": float(np.mean(losses[s - k: s])), "accuracy": accuracy.get(s, float("nan")),
-               "se": float(np.std(losses[s - k: s], ddof=1) / math.sqrt(k)) if k > 1 else 0.0}
+    track += [{"step": s, "entropy": float(np.mean(losses[s - k: s])), "accuracy": accuracy.get(s, float("nan"))}
               for s in range(k, len(losses) + 1, k)]
-    plateau = stats.plateau_step([(r["step"], r["entropy"]) for r in track], rc.plateau_window, rc.plateau_rel,
-                                 rc.plateau_tol, se={r["step"]: r.get("se", 0.0) for r in track})
+    # the rule compares means over whole windows of W steps (the last W vs the W before), with their noise
+    smooth, se = [(0, track[0]["entropy"])], {}
+    for s in range(k, len(losses) + 1, k):
+        w = losses[max(0, s - rc.plateau_window): s]
+        smooth.append((s, float(np.mean(w))))
+        se[s] = float(np.std(w, ddof=1) / math.sqrt(len(w))) if len(w) > 1 else 0.0
+    plateau = stats.plateau_step(smooth, rc.plateau_window, rc.plateau_rel, rc.plateau_tol, se=se)
     coef1 = _coefs(merged)
     return {"steps": len(losses), "budget": rc.tta_steps, "lr": lr, "batch_size": rc.tta_batch_size,
             "converged": plateau is not None, "plateau_step": plateau,
