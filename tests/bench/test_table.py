@@ -41,6 +41,8 @@ def test_adaptation_is_transductive_and_shows_its_evidence(text_zoo):
     start = T.predict(text_zoo, T._merge(text_zoo, "adarank_ta").fuse(), "test")
     assert a["entropy_before"] == pytest.approx({k: float(v["entropy"].mean()) for k, v in start.items()})
     assert a["accuracy_before"] == pytest.approx({k: float(v["correct"].mean()) for k, v in start.items()})
+    tracked = T.predict(text_zoo, T._merge(text_zoo, "adarank_ta").fuse(), "test", 8)  # the library's eval, by hand
+    assert a["track"][0]["accuracy"] == pytest.approx(sum(float(v["correct"].mean()) for v in tracked.values()) / 2)
     # after: the reported model, on all test inputs
     assert set(a["entropy_after"]) == set(text_zoo.names) and a["entropy_after"] != a["entropy_before"]
     assert a["lambda_before"]["min"] == pytest.approx(0.3) and a["lambda_before"]["max"] == pytest.approx(0.3)
