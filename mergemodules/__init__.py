@@ -9,6 +9,7 @@ from .merge_state import load_merge_state, save_merge_state
 from .masks import hard_masks, mask_summary
 from .plotting import plot_masks
 from .tta import Task, adapt, entropy, evaluate
+from . import deprecated as _deprecated  # last: the deprecated aliases of names that moved up a floor
 
 __all__ = [
     "Factors", "resolve_rank", "truncated_svd",

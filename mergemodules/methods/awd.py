@@ -22,10 +22,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import os
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -340,22 +337,3 @@ class FittedAWD(_Composed):
     def factorize(self, terms: Tensor, k: int, svd: str = "exact", svd_options: Mapping[str, Any] | None = None) -> Factors:
         """``inner``'s factorisation."""
         return self.inner.factorize(terms, k, svd, svd_options)
-
-    def plot_cosine(self, path: str | os.PathLike, task_names: Sequence[str] | None = None) -> Path:
-        """Deprecated (removed in 0.2): use ``mergemodules.plotting.plot_awd_cosine(fitted, path, task_names)``."""
-        warnings.warn("FittedAWD.plot_cosine is deprecated: use mergemodules.plotting.plot_awd_cosine",
-                      DeprecationWarning, stacklevel=2)
-        from ..plotting import plot_awd_cosine  # deprecated shim: the only import of a higher floor
-
-        return plot_awd_cosine(self, path, task_names)
-
-
-def __getattr__(name: str) -> Any:
-    """Deprecated (removed in 0.2): ``with_awd`` moved to ``mergemodules.methods``, next to the registry."""
-    if name != "with_awd":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn("mergemodules.methods.awd.with_awd is deprecated: import it from mergemodules.methods",
-                  DeprecationWarning, stacklevel=2)
-    from . import with_awd  # deprecated shim: the registry imports this module first
-
-    return with_awd
