@@ -7,7 +7,6 @@ tensor's values of all tasks are in memory together, so fine-tuned sources may b
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -23,11 +22,9 @@ from .sources import shapes_of
 from .targets import Entry, Patterns, is_selected, method_layout, plan
 
 __all__ = [
-    "Preparation", "prepare", "build_merged_tensors", "fit_transform", "iter_merged_tensors", "check_sources",
+    "Preparation", "prepare", "fit_transform", "iter_merged_tensors", "check_sources",
     "as_source", "persistent_buffers", "merge_buffers",
 ]
-
-logger = logging.getLogger(__name__)
 
 Source = Mapping[str, Tensor]
 
@@ -264,21 +261,6 @@ def _build_one(
         base.to(dtype), U=U, S=S, V=V, coef=coef, mask_logits=_mask_logits(method, S, shape, entry.name),
         temperature=method.temperature, layout=layout,
     )
-
-
-def build_merged_tensors(
-    entries: Sequence[Entry],
-    pretrained: Mapping[str, Tensor],
-    sources: Sequence[Source],
-    method: Method,
-    progress: bool = False,
-    transform: Transform | None = None,
-) -> dict[str, _Merged]:
-    """One merged tensor module per entry, keyed by the entry's name (``transform``: as in iter_merged_tensors)."""
-    built = iter_merged_tensors(entries, pretrained, sources, method, progress, transform)
-    merged = {entry.name: module for entry, module in built}
-    logger.info("built %d merged tensors with %s", len(merged), method.name)
-    return merged
 
 
 def fit_transform(

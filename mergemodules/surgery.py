@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .build import build_merged_tensors, fit_transform, merge_buffers, persistent_buffers, prepare
+from .build import fit_transform, iter_merged_tensors, merge_buffers, persistent_buffers, prepare
 from .layers import MergedLayer, MergedWeight, _Merged, check_finite, weight_cache
 from .methods import Method, Transform
 from .targets import Entry, Patterns, merged_layer_for
@@ -218,7 +218,7 @@ def merge(
     params = dict(pretrained.named_parameters(remove_duplicate=False))
     buffers = merge_buffers(persistent_buffers(pretrained), sources, setup.selected)
     transform = fit_transform(entries, params, sources, method)
-    merged = build_merged_tensors(entries, params, sources, method, progress=progress, transform=transform)
+    merged = {e.name: module for e, module in iter_merged_tensors(entries, params, sources, method, progress, transform)}
     if copy:
         _own_bases(merged.values(), params.values())
     model = deepcopy(pretrained, memo={id(p): p for p in params.values()})  # buffers are copied
