@@ -22,7 +22,7 @@ def _figure(width: float, height: float, ncols: int = 1):
 
 
 def _save(fig, path: str) -> str:
-    from mergemodules.io import atomic_write
+    from mergemodules.files import atomic_write
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

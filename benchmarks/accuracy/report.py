@@ -45,7 +45,7 @@ def machine_line() -> str:
 
 def write_section(md_path: str, key: str, body: str) -> None:
     """Replace (or append) the block between this benchmark's ``key`` markers; the rest of the file is kept."""
-    from mergemodules.io import atomic_write
+    from mergemodules.files import atomic_write
 
     begin, end = f"<!-- benchmarks.accuracy {key} BEGIN -->", f"<!-- benchmarks.accuracy {key} END -->"
     block = f"{begin}\n{body.rstrip()}\n{end}\n"

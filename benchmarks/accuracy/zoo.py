@@ -123,7 +123,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: d
     """Write safetensors atomically (temporary file, then ``os.replace``); returns the file's sha256."""
     from safetensors.torch import save_file
 
-    from mergemodules.io import atomic_write
+    from mergemodules.files import atomic_write
 
     digest: list[str] = []
 
@@ -138,7 +138,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: d
 
 def atomic_write_json(obj: Any, path: str) -> None:
     """Write JSON to a temporary file beside ``path``, then rename it into place."""
-    from mergemodules.io import atomic_write
+    from mergemodules.files import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
