@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .decompose import compute_dtype, resolve_rank
-from .layers import MergedTensor, MergedWeight, _Merged, check_finite
+from .layers import MergedTensor, MergedWeight, BaseMerged, check_finite
 from .methods import Method, Transform, get_method
 from .sources import shapes_of
 from .targets import Entry, Patterns, is_selected, method_layout, plan
@@ -127,7 +127,7 @@ def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
     """Name → tensor of every buffer in ``model``'s state dict (BatchNorm statistics, ...), not merged tensors' own."""
     found = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, _Merged):
+        if isinstance(module, BaseMerged):
             continue
         for name, buffer in module._buffers.items():
             if buffer is not None and name not in module._non_persistent_buffers_set:
@@ -201,7 +201,7 @@ def _base_and_task_vectors(
     return base, values.sub_(base)  # in place: the stack is a fresh copy, and one T-fold copy is enough
 
 
-class _Coefficients:
+class _CoefFactory:
     """Hands out λ Parameters: one shared (global, task-wise) or a new one per tensor (layer-wise)."""
 
     def __init__(self, method: Method) -> None:
@@ -235,8 +235,8 @@ def _mask_logits(method: Method, S: Tensor, shape: tuple[int, int], name: str) -
 
 
 def _build_one(
-    entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, transform: Transform, coefficients: _Coefficients
-) -> _Merged:
+    entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, transform: Transform, coefficients: _CoefFactory
+) -> BaseMerged:
     dtype = pretrained.dtype
     layout = method_layout(entry, method.matrix_set)
     with_term = entry.merged and (method.matrices != "none" if layout is not None else method.dense)
@@ -286,7 +286,7 @@ def iter_merged_tensors(
     method: Method,
     progress: bool = False,
     transform: Transform | None = None,
-) -> Iterator[tuple[Entry, _Merged]]:
+) -> Iterator[tuple[Entry, BaseMerged]]:
     """Build the merged tensor module of each entry in turn, reading ``pretrained[entry.name]`` lazily.
 
     The method's transform is fitted first (one pass over all task vectors) unless an already fitted
@@ -295,7 +295,7 @@ def iter_merged_tensors(
     """
     if transform is None:
         transform = fit_transform(entries, pretrained, sources, method)
-    coefficients = _Coefficients(method)
+    coefficients = _CoefFactory(method)
     for entry in tqdm(entries, desc=f"merge ({method.name})", disable=not progress, unit="tensor"):
         with torch.no_grad():
             module = _build_one(entry, pretrained[entry.name], sources, method, transform, coefficients)

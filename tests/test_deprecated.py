@@ -21,3 +21,11 @@ def test_installing_twice_changes_nothing():
     deprecated.install()
     with pytest.warns(DeprecationWarning, match="mergemodules.masks.plot_masks is deprecated"):
         assert mm.masks.plot_masks is mm.plotting.plot_masks
+
+
+def test_task_vector_source_is_now_task_vector_provider():
+    for home in (methods, methods.base):
+        with pytest.warns(DeprecationWarning, match="TaskVectorSource is deprecated: use TaskVectorProvider"):
+            assert home.TaskVectorSource is methods.TaskVectorProvider
+    with pytest.raises(AttributeError, match="'mergemodules.methods' has no attribute 'nothing'"):
+        methods.nothing  # noqa: B018

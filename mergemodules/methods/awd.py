@@ -10,7 +10,7 @@ Every method then uses τ̂_i in place of τ_i: Task Arithmetic (AWD-TA, θ = θ
 layer-wise AdaMerging (AWD-AdaMerging), and through ``inner`` or ``Method.transform`` any other
 method that takes task vectors (CART, AdaRank, TIES, TSV-M; untested by the paper, see docs/awd.md).
 
-Memory: the task vectors of the tensors in scope are held once, as they come from the source (one
+Memory: the task vectors of the tensors in scope are held once, as they come from the provider (one
 (T, n) block per tensor, never concatenated). Each step streams over the blocks twice with
 matrix-vector products: ``p_i = Σ_l ⟨τ_il, δ_l⟩`` gives the Gram matrix of the τ̂_i through
 G = G₀ − p1ᵀ − 1pᵀ + ‖δ‖² (G₀ = Gram of the τ_i, once, float64); autograd runs on the T×T matrix
@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..decompose import Factors
-from .base import TaskVectorSource, Transform
+from .base import TaskVectorProvider, Transform
 
 __all__ = ["AWD", "FittedAWD", "awd_loss", "awd_gradient", "cosine_matrix", "learn_redundant_vector"]
 
@@ -260,10 +260,10 @@ class AWD(_Composed):
             return False
         return self.scope == "matrices" or any(fnmatch.fnmatchcase(name, p) for p in self.scope)
 
-    def fit(self, source: TaskVectorSource) -> "FittedAWD":
+    def fit(self, provider: TaskVectorProvider) -> "FittedAWD":
         """Learn δ on the task vectors in scope (Algorithm 1), then fit ``inner`` on τ_i − δ."""
         names, task_vectors = [], []
-        for name, tv, is_matrix in source():
+        for name, tv, is_matrix in provider():
             if self.in_scope(name, is_matrix):
                 names.append(name)
                 task_vectors.append(tv.detach())
@@ -274,7 +274,7 @@ class AWD(_Composed):
         )
         task_vectors.clear()
         deltas_by_name = dict(zip(names, deltas))
-        inner = self.inner.fit(lambda: ((n, _subtract(deltas_by_name, n, tv), m) for n, tv, m in source()))
+        inner = self.inner.fit(lambda: ((n, _subtract(deltas_by_name, n, tv), m) for n, tv, m in provider()))
         fitted = FittedAWD(
             deltas=deltas_by_name, inner=inner, loss_history=tuple(history), cosine_before=before, cosine_after=after,
             delta_norm=math.sqrt(sum(float(torch.dot(d.flatten(), d.flatten())) for d in deltas)),
