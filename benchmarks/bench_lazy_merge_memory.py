@@ -67,7 +67,7 @@ def _child(case: str, folder: Path, tasks: int, layers: int, method: str) -> Non
 
     import mergemodules as mm
     from mergemodules.cli import main
-    from mergemodules.io import save_fused
+    from mergemodules.export import save_fused
 
     setup_threads(1)  # memory does not depend on it; spares the shared machine
     out = folder / f"out_{case}_{method}_{tasks}.safetensors"

@@ -144,7 +144,7 @@ def write_configs(folder: Path, zoo: list[Path], name: str, dtype: str, compute:
     import torch
     import yaml
 
-    from mergemodules.sources import parse_size
+    from mergemodules.safetensors_files import parse_size
 
     ours, our_options, theirs, per_model, global_params = METHODS[name]
     recipe = {"model": {"hf": str(zoo[0])}, "tasks": [str(p) for p in zoo[1:]], "method": ours,

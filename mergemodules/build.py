@@ -7,7 +7,6 @@ tensor's values of all tasks are in memory together, so fine-tuned sources may b
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -17,17 +16,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .decompose import compute_dtype, resolve_rank
-from .layers import MergedTensor, MergedWeight, _Merged, check_finite
+from .layers import MergedTensor, MergedWeight, BaseMerged, check_finite
 from .methods import Method, Transform, get_method
 from .sources import shapes_of
 from .targets import Entry, Patterns, is_selected, method_layout, plan
 
 __all__ = [
-    "Preparation", "prepare", "build_merged_tensors", "fit_transform", "iter_merged_tensors", "check_sources",
+    "Preparation", "prepare", "fit_transform", "iter_merged_tensors", "check_sources",
     "as_source", "persistent_buffers", "merge_buffers",
 ]
-
-logger = logging.getLogger(__name__)
 
 Source = Mapping[str, Tensor]
 
@@ -130,7 +127,7 @@ def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
     """Name → tensor of every buffer in ``model``'s state dict (BatchNorm statistics, ...), not merged tensors' own."""
     found = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, _Merged):
+        if isinstance(module, BaseMerged):
             continue
         for name, buffer in module._buffers.items():
             if buffer is not None and name not in module._non_persistent_buffers_set:
@@ -204,7 +201,7 @@ def _base_and_task_vectors(
     return base, values.sub_(base)  # in place: the stack is a fresh copy, and one T-fold copy is enough
 
 
-class _Coefficients:
+class _CoefFactory:
     """Hands out λ Parameters: one shared (global, task-wise) or a new one per tensor (layer-wise)."""
 
     def __init__(self, method: Method) -> None:
@@ -238,8 +235,8 @@ def _mask_logits(method: Method, S: Tensor, shape: tuple[int, int], name: str) -
 
 
 def _build_one(
-    entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, transform: Transform, coefficients: _Coefficients
-) -> _Merged:
+    entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, transform: Transform, coefficients: _CoefFactory
+) -> BaseMerged:
     dtype = pretrained.dtype
     layout = method_layout(entry, method.matrix_set)
     with_term = entry.merged and (method.matrices != "none" if layout is not None else method.dense)
@@ -266,21 +263,6 @@ def _build_one(
     )
 
 
-def build_merged_tensors(
-    entries: Sequence[Entry],
-    pretrained: Mapping[str, Tensor],
-    sources: Sequence[Source],
-    method: Method,
-    progress: bool = False,
-    transform: Transform | None = None,
-) -> dict[str, _Merged]:
-    """One merged tensor module per entry, keyed by the entry's name (``transform``: as in iter_merged_tensors)."""
-    built = iter_merged_tensors(entries, pretrained, sources, method, progress, transform)
-    merged = {entry.name: module for entry, module in built}
-    logger.info("built %d merged tensors with %s", len(merged), method.name)
-    return merged
-
-
 def fit_transform(
     entries: Sequence[Entry], pretrained: Mapping[str, Tensor], sources: Sequence[Source], method: Method
 ) -> Transform:
@@ -304,7 +286,7 @@ def iter_merged_tensors(
     method: Method,
     progress: bool = False,
     transform: Transform | None = None,
-) -> Iterator[tuple[Entry, _Merged]]:
+) -> Iterator[tuple[Entry, BaseMerged]]:
     """Build the merged tensor module of each entry in turn, reading ``pretrained[entry.name]`` lazily.
 
     The method's transform is fitted first (one pass over all task vectors) unless an already fitted
@@ -313,7 +295,7 @@ def iter_merged_tensors(
     """
     if transform is None:
         transform = fit_transform(entries, pretrained, sources, method)
-    coefficients = _Coefficients(method)
+    coefficients = _CoefFactory(method)
     for entry in tqdm(entries, desc=f"merge ({method.name})", disable=not progress, unit="tensor"):
         with torch.no_grad():
             module = _build_one(entry, pretrained[entry.name], sources, method, transform, coefficients)

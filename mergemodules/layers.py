@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -32,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from .layouts import Layout, parse_layout
 
 __all__ = [
-    "MergedTensor", "MergedWeight", "MergedLayer", "MergedLinear", "MergedConv2d", "check_finite",
+    "BaseMerged", "MergedTensor", "MergedWeight", "MergedLayer", "MergedLinear", "MergedConv2d", "check_finite",
     "straight_through_mask", "weight_cache",
 ]
 
@@ -104,12 +105,12 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def _task_coefficients(coef: Tensor, num_tasks: int) -> Tensor:
+def _per_task_coef(coef: Tensor, num_tasks: int) -> Tensor:
     return coef.expand(num_tasks) if coef.dim() == 0 else coef
 
 
-class _Merged(nn.Module):
-    """Shared plumbing: the base buffer, the coefficient and per-forward caching."""
+class BaseMerged(nn.Module):
+    """The merged value of one parameter (base class of MergedTensor and MergedWeight): B, λ and per-forward caching."""
 
     base: Tensor
 
@@ -135,9 +136,14 @@ class _Merged(nn.Module):
         if self.coef is not None and self.coef.dim() != 0 and self.coef.shape != (T,):
             raise ValueError(f"coef: expected a scalar or shape ({T},), got {tuple(self.coef.shape)}")
 
+    def task_coef(self) -> Tensor:
+        """λ (``coef``) as a length-T vector in the base dtype."""
+        return _per_task_coef(self.coef, self.num_tasks).to(self.base.dtype)
+
     def lambdas(self) -> Tensor:
-        """λ as a length-T vector in the base dtype."""
-        return _task_coefficients(self.coef, self.num_tasks).to(self.base.dtype)
+        """Deprecated (removed in 0.2): use :meth:`task_coef`."""
+        warnings.warn("lambdas() is deprecated: use task_coef()", DeprecationWarning, stacklevel=2)
+        return self.task_coef()
 
     def compute(self) -> Tensor:
         """Evaluate the merged tensor (no caching)."""
@@ -157,7 +163,7 @@ class _Merged(nn.Module):
         return value
 
 
-class MergedTensor(_Merged):
+class MergedTensor(BaseMerged):
     """A densely merged tensor of any shape: ``base + Σ_t λ_t · deltas[t]``."""
 
     def __init__(self, base: Tensor, deltas: Tensor | None = None, coef: nn.Parameter | None = None) -> None:
@@ -174,10 +180,10 @@ class MergedTensor(_Merged):
     def compute(self) -> Tensor:
         if self.deltas is None:
             return self.base
-        return self.base + torch.tensordot(self.lambdas(), self.deltas, dims=1)
+        return self.base + torch.tensordot(self.task_coef(), self.deltas, dims=1)
 
 
-class MergedWeight(_Merged):
+class MergedWeight(BaseMerged):
     """A merged weight, stored canonically as the (out, in) matrix of its layout.
 
     Args:
@@ -268,6 +274,10 @@ class MergedWeight(_Merged):
         """Stored components per task (0 for dense or base-only weights)."""
         return 0 if self.S is None else self.S.shape[1]
 
+    def task_term(self) -> str:
+        """What is stored per task: ``"svd rank=k"``, ``"dense"`` (the full τ_t) or ``"none"`` (B alone)."""
+        return f"svd rank={self.rank}" if self.S is not None else "dense" if self.num_tasks else "none"
+
     def masks(self) -> Tensor | None:
         """Masks over singular components, (T, k): hard 0/1 forward, straight-through backward."""
         if self.mask_logits is None:
@@ -276,7 +286,7 @@ class MergedWeight(_Merged):
 
     def _component_scales(self) -> Tensor:
         """λ_t · m_t · σ_t flattened to (T·k,), matching the concatenated factor columns."""
-        scales = self.lambdas()[:, None] * self.S
+        scales = self.task_coef()[:, None] * self.S
         masks = self.masks()
         if masks is not None:
             scales = scales * masks.to(scales.dtype)
@@ -299,7 +309,7 @@ class MergedWeight(_Merged):
         if self.S is not None:
             return self._factor_sum(torch.zeros_like(self.base))
         if self.deltas is not None:
-            return torch.tensordot(self.lambdas(), self.deltas, dims=1)
+            return torch.tensordot(self.task_coef(), self.deltas, dims=1)
         return torch.zeros_like(self.base)
 
     def compute(self) -> Tensor:
@@ -426,7 +436,7 @@ class MergedLayer(nn.Module):
         return layer
 
     def extra_repr(self) -> str:
-        return f"tasks={self.weight_merge.num_tasks}, rank={self.weight_merge.rank}"
+        return f"tasks={self.weight_merge.num_tasks}, {self.weight_merge.task_term()}"
 
 
 class MergedLinear(MergedLayer):

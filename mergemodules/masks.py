@@ -5,7 +5,6 @@ appendix A); component ``i`` is the i-th largest singular direction of the task 
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Sequence
 
 import torch
@@ -56,13 +55,3 @@ def task_labels(task_names: Sequence[str] | None, num_tasks: int) -> list[str]:
         raise ValueError(f"task_names: {len(task_names)} names for {num_tasks} tasks")
     return [str(n) for n in task_names]
 
-
-def __getattr__(name: str) -> Any:
-    """Deprecated (removed in 0.2): ``plot_masks`` moved to ``mergemodules.plotting`` (``mm.plot_masks`` stays)."""
-    if name != "plot_masks":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn("mergemodules.masks.plot_masks is deprecated: use mergemodules.plot_masks "
-                  "(mergemodules.plotting.plot_masks)", DeprecationWarning, stacklevel=2)
-    from .plotting import plot_masks  # deprecated shim: the only import of a higher floor
-
-    return plot_masks

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .build import persistent_buffers
 from .files import atomic_write
-from .layers import MergedTensor, MergedWeight, _Merged
+from .layers import MergedTensor, MergedWeight, BaseMerged
 from .layouts import Layout
 from .methods import METHODS, Method, Transform
 from .surgery import MergedModel, install
@@ -33,7 +33,7 @@ _SEP = "::"
 _TRANSFORM_ROLES = ("method", "fitted")  # Method.transform as given, and MergedModel.transform (after fit)
 
 
-def _module_tensors(merged: _Merged) -> dict[str, Tensor]:
+def _module_tensors(merged: BaseMerged) -> dict[str, Tensor]:
     tensors = dict(merged.named_buffers(recurse=False))
     if getattr(merged, "mask_logits", None) is not None:
         tensors["mask_logits"] = merged.mask_logits.detach()
@@ -154,7 +154,7 @@ def _check_header(path: Path, header: object, tensors: dict[str, Tensor]) -> Non
         raise _metadata_error(path, "'transform'", f"expected {{'method': ..., 'fitted': ...}}, got {transforms!r:.80}")
 
 
-def _rebuild(name: str, info: dict, tensors: dict[str, Tensor], coefs: dict[str, nn.Parameter]) -> _Merged:
+def _rebuild(name: str, info: dict, tensors: dict[str, Tensor], coefs: dict[str, nn.Parameter]) -> BaseMerged:
     own = {k.split(_SEP, 1)[1]: v for k, v in tensors.items() if k.startswith(name + _SEP)}
     coef = coefs[info["coef"]] if "coef" in info else None
     if info["kind"] == "tensor":

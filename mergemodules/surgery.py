@@ -17,8 +17,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .build import build_merged_tensors, fit_transform, merge_buffers, persistent_buffers, prepare
-from .layers import MergedLayer, MergedWeight, _Merged, check_finite, weight_cache
+from .build import fit_transform, iter_merged_tensors, merge_buffers, persistent_buffers, prepare
+from .layers import MergedLayer, MergedWeight, BaseMerged, check_finite, weight_cache
 from .methods import Method, Transform
 from .targets import Entry, Patterns, merged_layer_for
 
@@ -58,7 +58,7 @@ def _unpickle_swapped(original: type, attrs: Sequence[str]) -> nn.Module:
     return module
 
 
-def _attach(module: nn.Module, attr: str, merged: _Merged) -> None:
+def _attach(module: nn.Module, attr: str, merged: BaseMerged) -> None:
     """Replace ``module.<attr>`` by a property computing ``merged()``."""
     module._parameters.pop(attr, None)
     if _ORIGINAL_CLASS not in type(module).__dict__:
@@ -68,7 +68,7 @@ def _attach(module: nn.Module, attr: str, merged: _Merged) -> None:
     setattr(type(module), attr, _merged_property(attr))
 
 
-def _layer_replacement(model: nn.Module, module_name: str, entries: Mapping[str, Entry], merged: Mapping[str, _Merged]) -> MergedLayer | None:
+def _layer_replacement(model: nn.Module, module_name: str, entries: Mapping[str, Entry], merged: Mapping[str, BaseMerged]) -> MergedLayer | None:
     """A merged layer (MergedLinear, MergedConv2d) for a module whose untied weight is a matrix in its layout, else None."""
     module = model.get_submodule(module_name)
     layer = merged_layer_for(module)
@@ -81,7 +81,7 @@ def _layer_replacement(model: nn.Module, module_name: str, entries: Mapping[str,
     return layer(merged[weight.name], None if bias is None else merged[bias.name], original=module)
 
 
-def install(model: nn.Module, entries: Sequence[Entry], merged: Mapping[str, _Merged]) -> nn.Module:
+def install(model: nn.Module, entries: Sequence[Entry], merged: Mapping[str, BaseMerged]) -> nn.Module:
     """Put the merged tensors into ``model`` in place; returns the root (a MergedLayer if the root was a Linear or Conv2d)."""
     by_name = {e.name: e for e in entries}
     owner_modules = dict.fromkeys(owner for e in entries for owner, _ in e.owners)
@@ -111,7 +111,7 @@ class MergedModel(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, method: Method, num_tasks: int, merged: Mapping[str, _Merged],
+        self, model: nn.Module, method: Method, num_tasks: int, merged: Mapping[str, BaseMerged],
         transform: Transform | None = None,
     ) -> None:
         super().__init__()
@@ -134,7 +134,7 @@ class MergedModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def merged_tensors(self) -> dict[str, _Merged]:
+    def merged_tensors(self) -> dict[str, BaseMerged]:
         """Parameter name → its merged tensor module (tied parameters under their first name)."""
         return dict(self._merged)
 
@@ -154,7 +154,7 @@ class MergedModel(nn.Module):
                 id(m): nn.Parameter(check_finite(m().detach().contiguous().clone(), f"the fused tensor {name!r}"))
                 for name, m in self._merged.items()
             }
-        memo: dict[int, Any] = {id(m): None for m in self.model.modules() if isinstance(m, (_Merged, MergedLayer))}
+        memo: dict[int, Any] = {id(m): None for m in self.model.modules() if isinstance(m, (BaseMerged, MergedLayer))}
         plain = deepcopy(self.model, memo)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, MergedLayer):
@@ -218,7 +218,7 @@ def merge(
     params = dict(pretrained.named_parameters(remove_duplicate=False))
     buffers = merge_buffers(persistent_buffers(pretrained), sources, setup.selected)
     transform = fit_transform(entries, params, sources, method)
-    merged = build_merged_tensors(entries, params, sources, method, progress=progress, transform=transform)
+    merged = {e.name: module for e, module in iter_merged_tensors(entries, params, sources, method, progress, transform)}
     if copy:
         _own_bases(merged.values(), params.values())
     model = deepcopy(pretrained, memo={id(p): p for p in params.values()})  # buffers are copied
@@ -228,7 +228,7 @@ def merge(
     return MergedModel(install(model, entries, merged), method, len(sources), merged, transform)
 
 
-def _own_bases(merged: Iterable[_Merged], pretrained: Iterable[Tensor]) -> None:
+def _own_bases(merged: Iterable[BaseMerged], pretrained: Iterable[Tensor]) -> None:
     """Copy every base that shares storage with a pretrained tensor, so the merged model owns it."""
     shared = {p.untyped_storage().data_ptr() for p in pretrained}
     for module in merged:

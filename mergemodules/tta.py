@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .batches import (Joined, call, concatenate, labelled, mixes_examples, outputs_match, split_output, to_device,
                       unlabeled_inputs)
 from .distributed import World
-from .layers import _Merged, weight_cache
+from .layers import BaseMerged, weight_cache
 from .methods import method_names
 from .streams import Stream, derived_seed, isolated_rng, seeded_rng_state
 from .tta_checkpoint import Checkpoint
@@ -315,7 +315,7 @@ class _Adaptation:
         self.device = _device(merged)
         self.cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         self.pad_id, self.per_task_backward, self.autocast = pad_id, per_task_backward, autocast
-        self.tensors = [m for m in merged.modules() if isinstance(m, _Merged)]
+        self.tensors = [m for m in merged.modules() if isinstance(m, BaseMerged)]
         self.shapes: dict[str, tuple[int, int]] = {}
         mixing = mixes_examples(merged)
         self.concat = concat and not per_task_backward and mixing is None

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .distributed import World
 from .files import atomic_write
-from .layers import _Merged
+from .layers import BaseMerged
 from .streams import Stream
 
 __all__ = ["Checkpoint", "FORMAT"]
@@ -51,7 +51,7 @@ def fingerprint(merged: nn.Module) -> dict[str, Any]:
         "num_tasks": getattr(merged, "num_tasks", None),
         "tensors": {
             f"{name}.{key}": _digest(tensor)
-            for name, module in merged.named_modules() if isinstance(module, _Merged)
+            for name, module in merged.named_modules() if isinstance(module, BaseMerged)
             for key, tensor in module.named_buffers(recurse=False)
         },
     }

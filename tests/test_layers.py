@@ -132,3 +132,21 @@ def test_fuse_keeps_the_original_linear_subclass():
 def test_merged_weight_rejects_bad_input(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         MergedWeight(**kwargs)
+
+
+def test_the_repr_names_the_task_term_dense_svd_or_none():
+    coef = nn.Parameter(torch.tensor([0.5, 2.0]))
+    _, (U, S, V) = factors(2, 6, 5, 3)
+    svd = MergedLinear(MergedWeight(torch.zeros(6, 5, dtype=torch.float64), U=U, S=S, V=V, coef=coef), None)
+    dense = MergedLinear(MergedWeight(torch.zeros(6, 5), deltas=torch.randn(2, 6, 5), coef=coef), None)
+    none = MergedLinear(MergedWeight(torch.zeros(6, 5)), None)
+    assert "tasks=2, svd rank=3" in repr(svd) and "tasks=2, dense" in repr(dense) and "tasks=0, none" in repr(none)
+    assert "rank=0" not in repr(dense)
+
+
+def test_deprecated_lambdas_warns_and_equals_task_coef():
+    weight = MergedTensor(torch.zeros(3), torch.randn(2, 3), nn.Parameter(torch.tensor(0.25)))
+    with pytest.warns(DeprecationWarning, match=r"lambdas\(\) is deprecated: use task_coef\(\)"):
+        old = weight.lambdas()
+    torch.testing.assert_close(old, torch.tensor([0.25, 0.25]), rtol=0, atol=0)
+    assert torch.equal(old, weight.task_coef())

@@ -129,7 +129,7 @@ def test_fuse_returns_the_plain_layer_with_its_settings_and_keys():
     assert list(fused.state_dict()) == list(conv.state_dict()) == ["weight", "bias"]
     torch.testing.assert_close(fused.weight, layer.weight, rtol=0, atol=0)
     assert layer.weight.shape == conv.weight.shape and layer.stride == (2, 2) and layer.in_channels == 4
-    assert "tasks=3, rank=2" in repr(layer)
+    assert "tasks=3, svd rank=2" in repr(layer)
 
 
 def test_bad_inputs_name_the_argument():

@@ -28,7 +28,7 @@ def random_weight(T: int, out: int, inp: int, k: int, seed: int = 0, dtype=torch
 
 def autograd_reference(weight: MergedWeight) -> torch.Tensor:
     """B + Σ_t λ_t U_t diag(m_t σ_t) V_tᵀ written with plain autograd operations, every component multiplied."""
-    scales = weight.lambdas()[:, None] * weight.S * weight.masks()
+    scales = weight.task_coef()[:, None] * weight.S * weight.masks()
     return weight.base + torch.einsum("tok,tk,tik->oi", weight.U, scales, weight.V)
 
 

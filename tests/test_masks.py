@@ -54,7 +54,7 @@ def test_reported_masks_are_the_ones_the_forward_uses(setting):
         expected = w.base.clone()
         for t in range(3):
             idx = rows[(name, f"task {t}")]
-            expected += w.lambdas()[t].detach() * (w.U[t][:, idx] * w.S[t][idx]) @ w.V[t][:, idx].t()
+            expected += w.task_coef()[t].detach() * (w.U[t][:, idx] * w.S[t][idx]) @ w.V[t][:, idx].t()
         torch.testing.assert_close(w().detach(), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -13,7 +13,7 @@ from test_export import merged_vit
 import mergemodules as mm
 from mergemodules.export import save_fused
 from mergemodules.merge_state import FORMAT, load_merge_state, save_merge_state
-from mergemodules.methods.awd import with_awd
+from mergemodules.methods import with_awd
 
 
 @pytest.mark.parametrize("method", ["adarank_cart", "adamerging_taskwise", "tsv", "weight_averaging"])

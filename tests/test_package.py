@@ -9,9 +9,20 @@ import pytest
 import mergemodules
 
 PACKAGE = Path(mergemodules.__file__).parent
-# The one circle left, in methods/ (issue #13, the methods item): with_awd imports get_method from the package
-# that imports awd. Remove this line when it is gone.
-KNOWN_CIRCLES = {("mergemodules.methods.awd", "mergemodules.methods")}
+# The floors, bottom first (docs/architecture.md explains them): a module imports only modules on lower floors.
+FLOORS = [
+    ("primitives", ["files", "layouts", "decompose", "batches", "streams"]),
+    ("formats and layers", ["safetensors_files", "layers", "distributed"]),
+    ("reading and choosing", ["sources", "targets", "tta_checkpoint"]),
+    ("the method description", ["methods.base"]),
+    ("transforms", ["methods.awd", "methods.ties", "methods.tsv"]),
+    ("the method registry", ["methods"]),
+    ("building and adapting", ["build", "masks", "transform_state", "tta"]),
+    ("whole models", ["surgery", "streaming", "plotting"]),
+    ("writing", ["export", "merge_state", "recipe", "deprecated"]),
+    ("entry points", ["cli", "io", ""]),
+]
+FLOOR_OF = {f"mergemodules.{m}".rstrip("."): i for i, (_, modules) in enumerate(FLOORS) for m in modules}
 
 
 def module_names() -> dict[str, Path]:
@@ -44,8 +55,7 @@ def imports_of(name: str, path: Path, modules: set[str]) -> set[str]:
 
 def graph() -> dict[str, set[str]]:
     modules = module_names()
-    edges = {name: imports_of(name, path, set(modules)) for name, path in modules.items()}
-    return {name: {d for d in deps if (name, d) not in KNOWN_CIRCLES} for name, deps in edges.items()}
+    return {name: imports_of(name, path, set(modules)) for name, path in modules.items()}
 
 
 def floors(edges: dict[str, set[str]]) -> dict[str, int]:
@@ -66,6 +76,16 @@ def floors(edges: dict[str, set[str]]) -> dict[str, int]:
 def test_the_package_has_no_import_circle():
     floor = floors(graph())
     assert floor["mergemodules.files"] == 0 and floor["mergemodules.cli"] > floor["mergemodules.merge_state"]
+
+
+def test_every_module_stands_on_one_stated_floor():
+    assert sorted(FLOOR_OF) == sorted(module_names()) and len(FLOOR_OF) == sum(len(m) for _, m in FLOORS)
+
+
+@pytest.mark.parametrize("module", sorted(FLOOR_OF))
+def test_no_import_runs_up_a_floor(module):
+    upward = {dep: FLOORS[FLOOR_OF[dep]][0] for dep in graph()[module] if FLOOR_OF[dep] >= FLOOR_OF[module]}
+    assert not upward, f"{module} ({FLOORS[FLOOR_OF[module]][0]}) imports from its floor or above: {upward}"
 
 
 def test_the_files_floor_imports_nothing_of_the_package():

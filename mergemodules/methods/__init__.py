@@ -5,12 +5,13 @@ import dataclasses
 from typing import Any, Callable
 
 from .awd import AWD
-from .base import Method, TaskVectorSource, Transform, UnknownMethodError
+from . import base
+from .base import Method, TaskVectorProvider, Transform, UnknownMethodError
 from .ties import Ties
 from .tsv import TaskSingularVectors
 
 __all__ = [
-    "Method", "Transform", "TaskVectorSource", "UnknownMethodError", "METHODS", "get_method", "method_names",
+    "Method", "Transform", "TaskVectorProvider", "UnknownMethodError", "METHODS", "get_method", "method_names",
     "register_method", "with_awd",
 ]
 
@@ -97,3 +98,10 @@ def with_awd(method: str | Method, **options: Any) -> Method:
 def method_names(where: Callable[[Method], bool]) -> list[str]:
     """The registered names (not aliases) of the methods for which ``where`` holds, in registration order."""
     return list(dict.fromkeys(method.name for method in METHODS.values() if where(method)))
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated (removed in 0.2): ``TaskVectorSource`` is now ``TaskVectorProvider``."""
+    if name != "TaskVectorSource":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(base, name)

@@ -10,7 +10,7 @@ Every method then uses τ̂_i in place of τ_i: Task Arithmetic (AWD-TA, θ = θ
 layer-wise AdaMerging (AWD-AdaMerging), and through ``inner`` or ``Method.transform`` any other
 method that takes task vectors (CART, AdaRank, TIES, TSV-M; untested by the paper, see docs/awd.md).
 
-Memory: the task vectors of the tensors in scope are held once, as they come from the source (one
+Memory: the task vectors of the tensors in scope are held once, as they come from the provider (one
 (T, n) block per tensor, never concatenated). Each step streams over the blocks twice with
 matrix-vector products: ``p_i = Σ_l ⟨τ_il, δ_l⟩`` gives the Gram matrix of the τ̂_i through
 G = G₀ − p1ᵀ − 1pᵀ + ‖δ‖² (G₀ = Gram of the τ_i, once, float64); autograd runs on the T×T matrix
@@ -22,10 +22,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import os
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -33,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..decompose import Factors
-from .base import TaskVectorSource, Transform
+from .base import TaskVectorProvider, Transform
 
 __all__ = ["AWD", "FittedAWD", "awd_loss", "awd_gradient", "cosine_matrix", "learn_redundant_vector"]
 
@@ -263,10 +260,10 @@ class AWD(_Composed):
             return False
         return self.scope == "matrices" or any(fnmatch.fnmatchcase(name, p) for p in self.scope)
 
-    def fit(self, source: TaskVectorSource) -> "FittedAWD":
+    def fit(self, provider: TaskVectorProvider) -> "FittedAWD":
         """Learn δ on the task vectors in scope (Algorithm 1), then fit ``inner`` on τ_i − δ."""
         names, task_vectors = [], []
-        for name, tv, is_matrix in source():
+        for name, tv, is_matrix in provider():
             if self.in_scope(name, is_matrix):
                 names.append(name)
                 task_vectors.append(tv.detach())
@@ -277,7 +274,7 @@ class AWD(_Composed):
         )
         task_vectors.clear()
         deltas_by_name = dict(zip(names, deltas))
-        inner = self.inner.fit(lambda: ((n, _subtract(deltas_by_name, n, tv), m) for n, tv, m in source()))
+        inner = self.inner.fit(lambda: ((n, _subtract(deltas_by_name, n, tv), m) for n, tv, m in provider()))
         fitted = FittedAWD(
             deltas=deltas_by_name, inner=inner, loss_history=tuple(history), cosine_before=before, cosine_after=after,
             delta_norm=math.sqrt(sum(float(torch.dot(d.flatten(), d.flatten())) for d in deltas)),
@@ -340,22 +337,3 @@ class FittedAWD(_Composed):
     def factorize(self, terms: Tensor, k: int, svd: str = "exact", svd_options: Mapping[str, Any] | None = None) -> Factors:
         """``inner``'s factorisation."""
         return self.inner.factorize(terms, k, svd, svd_options)
-
-    def plot_cosine(self, path: str | os.PathLike, task_names: Sequence[str] | None = None) -> Path:
-        """Deprecated (removed in 0.2): use ``mergemodules.plotting.plot_awd_cosine(fitted, path, task_names)``."""
-        warnings.warn("FittedAWD.plot_cosine is deprecated: use mergemodules.plotting.plot_awd_cosine",
-                      DeprecationWarning, stacklevel=2)
-        from ..plotting import plot_awd_cosine  # deprecated shim: the only import of a higher floor
-
-        return plot_awd_cosine(self, path, task_names)
-
-
-def __getattr__(name: str) -> Any:
-    """Deprecated (removed in 0.2): ``with_awd`` moved to ``mergemodules.methods``, next to the registry."""
-    if name != "with_awd":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn("mergemodules.methods.awd.with_awd is deprecated: import it from mergemodules.methods",
-                  DeprecationWarning, stacklevel=2)
-    from . import with_awd  # deprecated shim: the registry imports this module first
-
-    return with_awd

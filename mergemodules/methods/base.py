@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -11,14 +12,14 @@ from torch import Tensor
 from ..decompose import Factors, check_svd, truncated_svd
 from ..targets import MATRIX_SETS
 
-__all__ = ["Method", "Transform", "TaskVectorSource", "UnknownMethodError"]
+__all__ = ["Method", "Transform", "TaskVectorProvider", "UnknownMethodError"]
 
 BASES = ("pretrained", "average")
 MATRIX_TERMS = ("none", "dense", "svd")
 COEFFICIENT_SCOPES = ("global", "task", "layer")
 
-# A callable yielding (parameter name, stacked task vectors (T, *shape) in float32, is_matrix).
-TaskVectorSource = Callable[[], Iterator[tuple[str, Tensor, bool]]]
+# What Transform.fit is given: a callable yielding (parameter name, stacked task vectors (T, *shape), is_matrix).
+TaskVectorProvider = Callable[[], Iterator[tuple[str, Tensor, bool]]]
 
 
 class UnknownMethodError(KeyError):
@@ -46,7 +47,7 @@ class Transform:
         """How many components ``factorize`` keeps per term when asked for ``rank``: all of them."""
         return rank
 
-    def fit(self, source: TaskVectorSource) -> "Transform":
+    def fit(self, provider: TaskVectorProvider) -> "Transform":
         """Gather global statistics; the identity needs none."""
         return self
 
@@ -136,3 +137,11 @@ class Method:
         if unknown:
             raise TypeError(f"unknown option(s) {unknown} for method {self.name!r}; valid options: {sorted(names)}")
         return dataclasses.replace(self, **options)
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated (removed in 0.2): ``TaskVectorSource`` is now ``TaskVectorProvider``."""
+    if name != "TaskVectorSource":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"{__name__}.TaskVectorSource is deprecated: use TaskVectorProvider", DeprecationWarning, stacklevel=2)
+    return TaskVectorProvider

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .base import TaskVectorSource, Transform
+from .base import TaskVectorProvider, Transform
 
 __all__ = ["Ties"]
 
@@ -67,7 +67,7 @@ class Ties(Transform):
         """Entries kept per task over the model: the reference's int(density·N) + 1 (all at density 1)."""
         return total if self.density == 1.0 else int(self.density * total) + 1
 
-    def fit(self, source: TaskVectorSource) -> "Ties":
+    def fit(self, provider: TaskVectorProvider) -> "Ties":
         """``scope="model"``: each task's global magnitude threshold and the global majority sign, exactly.
 
         Streams the task vectors three times instead of holding all |τ| (T model sizes): pass 1 counts
@@ -77,7 +77,7 @@ class Ties(Transform):
         if self.scope == "tensor":
             return self
         counts: Tensor | None = None
-        for _, task_vectors, _ in source():
+        for _, task_vectors, _ in provider():
             buckets = _buckets(_magnitudes(task_vectors))
             if counts is None:
                 counts = torch.zeros(buckets.shape[0], _NUM_BUCKETS, dtype=torch.int64)
@@ -90,7 +90,7 @@ class Ties(Transform):
         target = [_NUM_BUCKETS - 1 - int(torch.searchsorted(from_top[t], keep[t])) for t in range(len(keep))]
         above = [int(from_top[t, _NUM_BUCKETS - 2 - b]) if b < _NUM_BUCKETS - 1 else 0 for t, b in enumerate(target)]
         candidates: list[list[Tensor]] = [[] for _ in keep]
-        for _, task_vectors, _ in source():
+        for _, task_vectors, _ in provider():
             magnitudes = _magnitudes(task_vectors)
             for t, bucket in enumerate(_buckets(magnitudes)):
                 candidates[t].append(magnitudes[t][bucket == target[t]])
@@ -100,7 +100,7 @@ class Ties(Transform):
             thresholds.append(float(torch.topk(inside, keep[t] - above[t], sorted=False).values.min()))
         fitted = dataclasses.replace(self, thresholds=tuple(thresholds))
         signs = 0
-        for _, task_vectors, _ in source():
+        for _, task_vectors, _ in provider():
             for chunk, kept in fitted._chunks(task_vectors):
                 signs += int(torch.sign(torch.where(kept, chunk, 0).sum(dim=0)).sum())
         return dataclasses.replace(fitted, majority=float((signs > 0) - (signs < 0)))

@@ -68,7 +68,7 @@ def test_mask_gradient_through_the_merged_weight_is_the_straight_through_one(set
     (weight() * target).sum().backward()
     # reference: the same loss with the hard mask as a leaf, chained with d sigmoid(ℓ/T)/dℓ
     hard = (weight.mask_logits.detach() >= 0).float().requires_grad_(True)
-    scales = (weight.lambdas().detach()[:, None] * weight.S * hard).reshape(-1)
+    scales = (weight.task_coef().detach()[:, None] * weight.S * hard).reshape(-1)
     U, V = weight._concatenated()
     ((weight.base + (U * scales) @ V.t()) * target).sum().backward()
     s = torch.sigmoid(weight.mask_logits.detach() / weight.temperature)
