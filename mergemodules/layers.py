@@ -398,9 +398,21 @@ class MergedLayer(nn.Module):
             raise ValueError(f"weight: shape {weight.parameter_shape} differs from the original layer's {tuple(own.shape)}")
         if bias is not None and bias.parameter_shape != (weight.out_features,):
             raise ValueError(f"bias: expected shape ({weight.out_features},), got {bias.parameter_shape}")
-        self.weight_merge = weight
-        self.bias_merge = bias
+        self.merged_weight = weight
+        self.merged_bias = bias
         self.__dict__["_shell"] = _empty_shell(original)
+
+    @property
+    def weight_merge(self) -> MergedWeight:
+        """Deprecated (removed in 0.2): ``merged_weight``."""
+        warnings.warn("weight_merge is deprecated: use merged_weight", DeprecationWarning, stacklevel=2)
+        return self.merged_weight
+
+    @property
+    def bias_merge(self) -> MergedTensor | None:
+        """Deprecated (removed in 0.2): ``merged_bias``."""
+        warnings.warn("bias_merge is deprecated: use merged_bias", DeprecationWarning, stacklevel=2)
+        return self.merged_bias
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -414,18 +426,18 @@ class MergedLayer(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The merged weight, in the parameter's shape."""
-        return self.weight_merge()
+        return self.merged_weight()
 
     @property
     def bias(self) -> Tensor | None:
         """The merged bias, or None."""
-        return None if self.bias_merge is None else self.bias_merge()
+        return None if self.merged_bias is None else self.merged_bias()
 
     @torch.no_grad()
     def fuse(self) -> nn.Module:
         """A plain layer of the original class holding the current merged weight and bias (checked finite)."""
         weight = check_finite(self.weight.detach().clone(), "the fused weight")
-        bias = None if self.bias_merge is None else check_finite(self.bias.detach().clone(), "the fused bias")
+        bias = None if self.merged_bias is None else check_finite(self.bias.detach().clone(), "the fused bias")
         return self.fuse_with(nn.Parameter(weight), None if bias is None else nn.Parameter(bias))
 
     def fuse_with(self, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module:
@@ -436,7 +448,7 @@ class MergedLayer(nn.Module):
         return layer
 
     def extra_repr(self) -> str:
-        return f"tasks={self.weight_merge.num_tasks}, {self.weight_merge.task_term()}"
+        return f"tasks={self.merged_weight.num_tasks}, {self.merged_weight.task_term()}"
 
 
 class MergedLinear(MergedLayer):
@@ -452,7 +464,7 @@ class MergedLinear(MergedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x @ Wᵀ + b`` with the merged weight."""
-        return self.weight_merge.linear(x, self.bias)
+        return self.merged_weight.linear(x, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
@@ -473,7 +485,7 @@ class MergedConv2d(MergedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         """The convolution of ``x`` with the merged kernel and bias."""
-        conv, weight = self._shell, self.weight_merge
+        conv, weight = self._shell, self.merged_weight
         pixels = x.numel() // max(x.shape[-3], 1) // math.prod(conv.stride)
         if conv.groups != 1 or not weight.use_low_rank(pixels):
             return conv._conv_forward(x, self.weight, self.bias)

@@ -158,8 +158,8 @@ class MergedModel(nn.Module):
         plain = deepcopy(self.model, memo)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, MergedLayer):
-                bias = None if module.bias_merge is None else values[id(module.bias_merge)]
-                fused = module.fuse_with(values[id(module.weight_merge)], bias)
+                bias = None if module.merged_bias is None else values[id(module.merged_bias)]
+                fused = module.fuse_with(values[id(module.merged_weight)], bias)
                 if name == "":
                     return fused
                 _set_submodule(plain, name, fused)

@@ -40,6 +40,11 @@ def _digest(tensor: Tensor, samples: int = 16) -> str:
     return hashlib.sha256(repr((tuple(tensor.shape), str(tensor.dtype), values)).encode()).hexdigest()[:16]
 
 
+def _current_name(key: str) -> str:
+    """A learnable's name in checkpoints written before ``weight_merge``/``bias_merge`` became ``merged_weight``/``merged_bias``."""
+    return key.replace(".weight_merge.", ".merged_weight.").replace(".bias_merge.", ".merged_bias.")
+
+
 def fingerprint(merged: nn.Module) -> dict[str, Any]:
     """What identifies a merge, cheaply: the method's settings, the number of tasks and a digest of every stored
     tensor of the merged tensors (B, factors or Δ) from its shape, dtype and a few sampled values.
@@ -150,6 +155,7 @@ class Checkpoint:
             difference = _fingerprint_difference(state["fingerprint"], self.fingerprint)
             if difference is not None:
                 raise ValueError(f"checkpoint: {str(path)!r} was written for another merge: {difference}")
+        state["params"] = {_current_name(k): v for k, v in state["params"].items()}
         saved = {k: tuple(v.shape) for k, v in state["params"].items()}
         if saved != {k: tuple(v.shape) for k, v in params.items()}:
             raise ValueError(f"checkpoint: {str(path)!r} holds the learnables of another merged model")

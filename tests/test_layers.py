@@ -84,7 +84,7 @@ def test_gradients_reach_lambda_and_mask_logits_only():
     weight = MergedWeight(torch.randn(6, 5), U=U, S=S, V=V, coef=nn.Parameter(torch.ones(2)),
                           mask_logits=nn.Parameter(torch.full((2, 3), 0.1)))
     layer = MergedLinear(weight, MergedTensor(torch.randn(6), torch.randn(2, 6), weight.coef))
-    assert {n for n, _ in layer.named_parameters()} == {"weight_merge.coef", "weight_merge.mask_logits"}
+    assert {n for n, _ in layer.named_parameters()} == {"merged_weight.coef", "merged_weight.mask_logits"}
     layer(torch.randn(4, 5)).pow(2).sum().backward()
     assert weight.coef.grad is not None and weight.coef.grad.abs().sum() > 0
     assert weight.mask_logits.grad is not None and weight.mask_logits.grad.abs().sum() > 0
@@ -150,3 +150,15 @@ def test_deprecated_lambdas_warns_and_equals_task_coef():
         old = weight.lambdas()
     torch.testing.assert_close(old, torch.tensor([0.25, 0.25]), rtol=0, atol=0)
     assert torch.equal(old, weight.task_coef())
+
+
+def test_the_old_names_of_a_merged_layers_parts_warn() -> None:
+    """weight_merge/bias_merge (read like verbs) became merged_weight/merged_bias; the old names warn until 0.2."""
+    import mergemodules as mm
+
+    base, tuned = nn.Linear(4, 3), nn.Linear(4, 3)
+    layer = mm.merge(base, [tuned], "task_arithmetic").model
+    with pytest.warns(DeprecationWarning, match="merged_weight"):
+        assert layer.weight_merge is layer.merged_weight
+    with pytest.warns(DeprecationWarning, match="merged_bias"):
+        assert layer.bias_merge is layer.merged_bias

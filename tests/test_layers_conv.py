@@ -38,7 +38,7 @@ def merged(conv, masks=False):
 
 def expected_conv(conv, layer):
     """A plain copy of ``conv`` holding B + Σ_t λ_t U_t diag(m_t σ_t) V_tᵀ, computed here from the factors."""
-    w = layer.weight_merge
+    w = layer.merged_weight
     scales = w.coef.detach()[:, None] * w.S
     if w.mask_logits is not None:
         scales = scales * (w.mask_logits.detach() >= 0)
@@ -48,7 +48,7 @@ def expected_conv(conv, layer):
     with torch.no_grad():
         reference.weight.copy_(matrix.reshape(conv.weight.shape))
         if conv.bias is not None:
-            reference.bias.copy_(layer.bias_merge.base + w.coef.detach() @ layer.bias_merge.deltas)
+            reference.bias.copy_(layer.merged_bias.base + w.coef.detach() @ layer.merged_bias.deltas)
     return reference
 
 
@@ -57,7 +57,7 @@ def expected_conv(conv, layer):
 def test_both_paths_equal_the_plain_convolution_with_the_merged_kernel(settings, path):
     conv = conv2d(**settings)
     layer = merged(conv, masks=True)
-    layer.weight_merge.path = path
+    layer.merged_weight.path = path
     x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
     expected = expected_conv(conv, layer)(x)
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-11)
@@ -72,9 +72,9 @@ def test_low_rank_path_has_the_gradients_of_the_materialised_path(settings):
     grads = []
     for path in ("low_rank", "materialize"):
         layer = merged(conv, masks=True)
-        layer.weight_merge.path = path
+        layer.merged_weight.path = path
         (layer(x) ** 2).sum().backward()
-        grads.append([layer.weight_merge.coef.grad, layer.weight_merge.mask_logits.grad])
+        grads.append([layer.merged_weight.coef.grad, layer.merged_weight.mask_logits.grad])
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=0)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
     assert grads[0][1].abs().min() > 0  # the straight-through estimator reaches every component
@@ -83,10 +83,10 @@ def test_low_rank_path_has_the_gradients_of_the_materialised_path(settings):
 def test_lambda_gradient_matches_finite_differences():
     conv = conv2d(stride=2, padding=1)
     layer = merged(conv)
-    layer.weight_merge.path = "low_rank"
+    layer.merged_weight.path = "low_rank"
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
     (layer(x) ** 2).sum().backward()
-    coef, eps = layer.weight_merge.coef, 1e-6
+    coef, eps = layer.merged_weight.coef, 1e-6
     numeric = []
     with torch.no_grad():
         for t in range(T):
@@ -102,8 +102,8 @@ def test_lambda_gradient_matches_finite_differences():
 def test_grouped_convolution_materialises_the_kernel():
     conv = conv2d(padding=1, groups=2)
     layer = merged(conv)
-    assert layer.weight_merge.base.shape == (6, 2 * 3 * 3)  # (out, in/groups·kh·kw)
-    layer.weight_merge.path = "low_rank"  # not possible across groups: the dense kernel is used
+    assert layer.merged_weight.base.shape == (6, 2 * 3 * 3)  # (out, in/groups·kh·kw)
+    layer.merged_weight.path = "low_rank"  # not possible across groups: the dense kernel is used
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(layer(x), expected_conv(conv, layer)(x), rtol=0, atol=1e-11)
 

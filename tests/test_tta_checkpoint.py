@@ -23,3 +23,24 @@ def test_digest_depends_on_shape_dtype_and_sampled_values() -> None:
     y[0] = -1
     assert _digest(x) != _digest(y)
     assert _digest(torch.empty(0)) == _digest(torch.empty(0))
+
+
+def test_a_checkpoint_with_the_old_layer_names_resumes(tmp_path) -> None:
+    """Checkpoints written before weight_merge/bias_merge became merged_weight/merged_bias still resume, exactly."""
+    import mergemodules as mm
+    from tta_setup import models, tasks
+
+    uninterrupted = mm.merge(*models(), "adarank_ta")
+    expected = mm.adapt(uninterrupted, tasks(), steps=4, lr=0.02, seed=1)
+    merged = mm.merge(*models(), "adarank_ta")
+    path = tmp_path / "adapt.pt"
+    mm.adapt(merged, tasks(), steps=2, lr=0.02, seed=1, checkpoint=path)
+    state = torch.load(path, weights_only=True)
+    assert any(".merged_weight." in key for key in state["params"])
+    state["params"] = {key.replace(".merged_weight.", ".weight_merge.").replace(".merged_bias.", ".bias_merge."): value
+                       for key, value in state["params"].items()}
+    torch.save(state, path)
+    resumed = mm.merge(*models(), "adarank_ta")
+    history = mm.adapt(resumed, tasks(), steps=4, lr=0.02, seed=1, checkpoint=path, resume=True)
+    assert history == expected
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), uninterrupted.parameters()))

@@ -433,7 +433,7 @@ def test_copy_false_shares_storage_with_the_pretrained_model_as_documented():
     assert pretrained.fc.weight.abs().sum() == 0
     with torch.no_grad():
         pretrained.fc.weight.fill_(2.0)
-    assert torch.all(merged.model.fc.weight_merge.base == 2.0)
+    assert torch.all(merged.model.fc.merged_weight.base == 2.0)
 
 
 def test_copy_true_copies_only_tensors_shared_with_the_pretrained_model():
