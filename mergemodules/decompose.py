@@ -101,7 +101,7 @@ def _exact_svd(A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     eigenvalues, eigenvectors = torch.linalg.eigh(A.mT @ A)  # ascending
     S = eigenvalues.flip(-1)[:k].clamp(min=0).sqrt()
     V = eigenvectors.flip(-1)[:, :k]
-    if S[-1] >= _GRAM_MIN_RATIO * S[0]:  # False for σ₁ = 0 and NaN too
+    if S[-1] > 0 and S[-1] >= _GRAM_MIN_RATIO * S[0]:  # False for a zero matrix (σ = 0) and NaN too
         return (A @ V) / S, S, V
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     return U[:, :k], S[:k], Vh[:k].mT

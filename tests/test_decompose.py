@@ -293,3 +293,25 @@ def test_recipes_take_the_solver_as_a_method_option(tmp_path):
     bad = timm_recipe(tmp_path, tasks=2, method="cart", options={"svd": "lanczos"})
     with pytest.raises(RecipeError, match="svd='lanczos'"):
         parse_recipe(write_recipe(tmp_path, bad, name="bad.yaml"))
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12)])
+def test_a_zero_matrix_gives_finite_factors(shape):
+    """An unchanged weight (all task vectors zero, e.g. a frozen embedding) decomposes to σ = 0, not NaN."""
+    A = torch.zeros(2, *shape)
+    U, S, V = truncated_svd(A, 3)
+    assert torch.all(S == 0) and torch.isfinite(U).all() and torch.isfinite(V).all()
+
+
+def test_tsv_merges_a_weight_no_task_changed():
+    """TSV-M with an embedding left unchanged by every fine-tuning (found on SmolLM2's frozen embedding)."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Embedding(10, 6), torch.nn.Linear(6, 4))
+    tuned = [copy.deepcopy(base) for _ in range(2)]
+    for i, model in enumerate(tuned):
+        with torch.no_grad():
+            model[1].weight.add_(0.1 * torch.randn(4, 6, generator=torch.Generator().manual_seed(i)))
+    merged = mm.merge(base, tuned, "tsv", matrix_set="all_2d")
+    fused = merged.fuse()
+    torch.testing.assert_close(fused[0].weight, base[0].weight)
+    assert torch.isfinite(fused[1].weight).all()
