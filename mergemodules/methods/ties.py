@@ -14,7 +14,7 @@ __all__ = ["Ties"]
 
 _BUCKET_BITS = 16
 _NUM_BUCKETS = 2**_BUCKET_BITS
-_CHUNK = 2**18  # entries merged at a time by Ties.vectors
+_CHUNK = 2**22  # entries merged at a time by Ties.vectors (fewer, larger parallel regions: 2^18 cost 1.4x on 2 cores)
 SCOPES = ("model", "tensor")
 
 
