@@ -294,8 +294,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     recipe = _with_dtypes(recipe, args)
     spec = _adapt_spec(recipe, args)
     out = _output(recipe, args.output)
-    merge_state = Path(args.merge_state) if args.merge_state else spec.merge_state
-    checkpoint = spec.checkpoint
+    merge_state, checkpoint = spec.merge_state, spec.checkpoint
     if args.resume and (checkpoint is None or not checkpoint.is_file()):
         raise CommandError(f"--resume: no adaptation checkpoint {str(checkpoint or '(adapt.checkpoint unset)')!r}")
     outputs = [_Output("output", out, "folder" if recipe.is_hf else "safetensors")]
@@ -307,7 +306,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     _check_outputs(outputs, _recipe_inputs(recipe), args.force)
     with _process_group(recipe.device) as (rank, device):
         local = dataclasses.replace(recipe, device=device)
-        _adapt(local, entries, dataclasses.replace(spec, merge_state=merge_state), args, out, rank)
+        _adapt(local, entries, spec, args, out, rank)
 
 
 def _adapt(recipe: Recipe, entries: Sequence[Entry], spec: AdaptSpec, args: argparse.Namespace, out: Path,
@@ -333,9 +332,10 @@ def _adapt(recipe: Recipe, entries: Sequence[Entry], spec: AdaptSpec, args: argp
 
 
 def _adapt_spec(recipe: Recipe, args: argparse.Namespace) -> AdaptSpec:
-    """The recipe's ``adapt`` section with the command line's overrides."""
+    """The recipe's ``adapt`` section with the command line's overrides (--merge-state and the step flags)."""
     spec = recipe.adapt or AdaptSpec(data="")
-    flags = {"parallel": args.parallel, "pad_id": args.pad_id,
+    flags = {"merge_state": Path(args.merge_state) if args.merge_state else None,
+             "parallel": args.parallel, "pad_id": args.pad_id,
              "autocast": AUTOCAST[args.autocast] if args.autocast else None,
              "per_task_backward": True if args.per_task_backward else None}
     return dataclasses.replace(spec, **{k: v for k, v in flags.items() if v is not None})
