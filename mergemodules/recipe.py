@@ -41,7 +41,7 @@ MODEL_KEYS = (*MODEL_KINDS, "kwargs", "submodule")
 CHECKPOINT_KEYS = ("path", "key")
 ADAPT_KEYS = ("data", "kwargs", "eval", "steps", "lr", "seed", "eval_every", "checkpoint", "checkpoint_every",
               "merge_state", "parallel", "per_task_backward", "autocast", "pad_id")
-AUTOCAST = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+AUTOCAST = {name: dtype for name, dtype in DTYPES.items() if dtype in (torch.bfloat16, torch.float16)}  # adapt.autocast
 
 KeyPath = tuple[Any, ...]
 OPTION_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
