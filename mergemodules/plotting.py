@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ def _save(figure: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def plot_masks(
-    merged: nn.Module,
+    merged: nn.Module | Mapping[str, Tensor],
     path: str | os.PathLike[str],
     *,
     layers: Sequence[str] | None = None,
@@ -50,7 +50,8 @@ def plot_masks(
     """Save a PNG of the masks as AdaRank's Figure 5: one panel per layer, a row per task, blue kept, yellow pruned.
 
     Args:
-        merged: an AdaRank-merged model.
+        merged: an AdaRank-merged model, or its :func:`~mergemodules.hard_masks` (layer name → boolean (T, k)),
+            e.g. saved after adaptation and plotted later.
         path: the PNG file to write (written atomically).
         layers: layer names to plot, in order (default: all masked layers; Figure 5 shows a few blocks).
         task_names: row labels (default ``task 0``, ``task 1``, ...).
@@ -58,7 +59,7 @@ def plot_masks(
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
-    masks = hard_masks(merged)
+    masks = dict(merged) if isinstance(merged, Mapping) else hard_masks(merged)
     if layers is not None:
         unknown = [name for name in layers if name not in masks]
         if unknown or not layers:

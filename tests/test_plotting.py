@@ -73,6 +73,13 @@ def test_mask_plot_of_chosen_layers_and_fraction(setting, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_mask_plot_of_saved_hard_masks_is_the_plot_of_the_model(setting, tmp_path):
+    merged = mm.merge(*setting, "adarank_cart")
+    from_model = mm.plot_masks(merged, tmp_path / "model.png", fraction=0.5)
+    from_masks = mm.plot_masks(mm.hard_masks(merged), tmp_path / "masks.png", fraction=0.5)
+    assert np.array_equal(_image(from_model), _image(from_masks))
+
+
 # ------------------------------------------------------------------------------ AWD heatmaps
 
 

@@ -125,6 +125,8 @@ def build_text_encoder(spec: TextModelSpec, seed: int = 0) -> TextEncoder:
 #: vision backbones of your own, by ``VisionModelSpec.kind`` (filled by ``plugins.register_backbone``):
 #: build(spec, seed) -> a module mapping images (B, 3, S, S) in [0, 1] to features (B, feature_dim)
 VISION_BACKBONES: dict[str, Callable[[VisionModelSpec, int], nn.Module]] = {}
+#: the file that registered each of them (the zoo records it and rebuilds when its bytes change)
+BACKBONE_FILES: dict[str, str] = {}
 
 
 def build_vision_encoder(spec: VisionModelSpec, seed: int = 0) -> nn.Module:

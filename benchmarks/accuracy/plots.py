@@ -48,13 +48,14 @@ def cart_rank(sweep: list[tuple[float, float]], refs: dict[str, float], path: st
     return _save(fig, path)
 
 
-def adarank_masks(merged: torch.nn.Module, names: list[str], path: str) -> str:
-    """AdaRank's Figure 5 for the first, second, middle, second-to-last and last masked matrices."""
-    from mergemodules import hard_masks, plot_masks
+def adarank_masks(masks: dict[str, torch.Tensor], names: list[str], path: str) -> str:
+    """AdaRank's Figure 5 (from a merged model's hard masks) for the first, second, middle, second-to-last and
+    last masked matrices."""
+    from mergemodules import plot_masks
 
-    layers = list(hard_masks(merged))
+    layers = list(masks)
     pick = sorted({0, 1, len(layers) // 2, len(layers) - 2, len(layers) - 1} & set(range(len(layers))))
-    plot_masks(merged, path, layers=[layers[i] for i in pick], task_names=names, fraction=0.5)
+    plot_masks(masks, path, layers=[layers[i] for i in pick], task_names=names, fraction=0.5)
     return path
 
 

@@ -16,6 +16,7 @@ See ``benchmarks/accuracy/README.md`` ("Your own tasks") for a complete file.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import sys
 from typing import Callable, Sequence
@@ -75,7 +76,10 @@ def task_from_items(name: str, kind: str, source: str, items: Sequence[tuple[obj
 
 def register_backbone(kind: str, build: Callable[[models.VisionModelSpec, int], nn.Module]) -> None:
     """Make ``VisionModelSpec(kind)`` build your vision backbone: ``build(spec, seed)`` returns a module that maps
-    images (B, 3, S, S) in [0, 1] to features (B, d) and has an int attribute ``feature_dim`` = d."""
+    images (B, 3, S, S) in [0, 1] to features (B, d) and has an int attribute ``feature_dim`` = d.
+
+    The zoo records the file that defines ``build`` as the pretrained source, with its sha256: editing that file
+    rebuilds the zoo (as a changed DINOv2 or MiniLM file does)."""
     if not isinstance(kind, str) or not kind or kind in ("dinov2", "tiny") or kind in models.VISION_BACKBONES:
         raise ValueError(f"register_backbone: kind {kind!r} is empty, built in or already registered")
     if not callable(build):
@@ -89,6 +93,7 @@ def register_backbone(kind: str, build: Callable[[models.VisionModelSpec, int], 
         return module
 
     models.VISION_BACKBONES[kind] = checked
+    models.BACKBONE_FILES[kind] = os.path.abspath(inspect.getsourcefile(build) or "")
 
 
 def register_suite(name: str, get: Callable[[bool], tuple]) -> None:

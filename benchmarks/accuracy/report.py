@@ -10,11 +10,11 @@ import os
 import platform
 import re
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from . import diagnostics, plots, stats
+from . import diagnostics, plots, rowcache, stats
 from . import table as T
 from .zoo import SuiteConfig, Zoo, atomic_write_json, build_zoo
 
@@ -216,7 +216,7 @@ def _zoo_table(zoo: Zoo) -> str:
 
 
 # --------------------------------------------------------------------------- one suite
-def _plots(zoo: Zoo, results: list[T.Result], sweep, diag: dict[str, Any], keep: dict[str, torch.nn.Module],
+def _plots(zoo: Zoo, results: list[T.Result], sweep, diag: dict[str, Any], keep: dict[str, dict[str, torch.Tensor]],
            plots_dir: str, tag: str) -> dict[str, str]:
     suite, out = zoo.config.suite, {}
     by_label = {r.label: r for r in results if r.status == "ok"}
@@ -224,8 +224,8 @@ def _plots(zoo: Zoo, results: list[T.Result], sweep, diag: dict[str, Any], keep:
     if sweep:
         refs = {k: by_label[k].mean for k in ("Individual", "Weight Averaging", "Pretrained") if k in by_label}
         out["cart_rank"] = plots.cart_rank(sweep, refs, path("cart_rank"), f"CART on the {suite} suite ({len(zoo.tasks)} tasks)")
-    for label, merged in keep.items():
-        out[f"masks_{label}"] = plots.adarank_masks(merged, zoo.names, path(f"adarank_masks_{label.split('+')[0].lower()}"))
+    for label, masks in keep.items():
+        out[f"masks_{label}"] = plots.adarank_masks(masks, zoo.names, path(f"adarank_masks_{label.split('+')[0].lower()}"))
     tracks = {r.label: r.adaptation["track"] for r in by_label.values() if r.adaptation}
     if tracks:
         out["adaptation"] = plots.adaptation(tracks, path("adaptation"), f"{suite}: adaptation on the unlabeled test inputs")
@@ -239,6 +239,17 @@ def _plots(zoo: Zoo, results: list[T.Result], sweep, diag: dict[str, Any], keep:
     out["spectra"] = plots.spectra({"τ = θ_t − θ₀": diag["spectra"], "centered τ̄ = θ_t − θ_avg": diag["spectra_centered"]},
                                    path("spectra"), f"{suite}: singular-value spectra of the task vectors")
     return out
+
+
+def _cached(zoo: Zoo, what: str, config: dict[str, Any], compute: Callable[[], Any], use_cache: bool) -> Any:
+    """``compute()``'s JSON value, read from :mod:`rowcache` when its inputs are unchanged (and stored there)."""
+    k = rowcache.key(zoo, what, config)
+    hit = rowcache.load(zoo, what, k) if use_cache else None
+    if hit:
+        return hit[0]["value"]
+    value = json.loads(json.dumps(compute(), default=float))
+    rowcache.save(zoo, what, k, {"value": value})
+    return value
 
 
 def _diagnostics(zoo: Zoo) -> dict[str, Any]:
@@ -298,10 +309,11 @@ def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None
     load_start = _load()
     zoo = build_zoo(cfg, cache_dir, rebuild=rebuild)
     t_zoo = time.time() - t0
-    keep: dict[str, torch.nn.Module] = {}
-    results = T.run_all(zoo, rc, keep=keep)
-    sweep = T.cart_rank_sweep(zoo, rc.cart_ranks) if rc.cart_ranks else []
-    diag = _diagnostics(zoo)
+    keep: dict[str, dict[str, torch.Tensor]] = {}
+    results = T.run_all(zoo, rc, keep=keep, cache=not rebuild)
+    sweep = _cached(zoo, "cart rank sweep", {"ranks": rc.cart_ranks}, lambda: T.cart_rank_sweep(zoo, rc.cart_ranks),
+                    not rebuild) if rc.cart_ranks else []
+    diag = _cached(zoo, "diagnostics", {"fractions": SPECTRUM_FRACTIONS}, lambda: _diagnostics(zoo), not rebuild)
     t_methods = time.time() - t0 - t_zoo
     tag = f"{cfg.suite}-{preset}" + (f"-seed{cfg.seed}" if cfg.seed else "")
     plot_paths = _plots(zoo, results, sweep, diag, keep, plots_dir, tag) if plots_dir else {}

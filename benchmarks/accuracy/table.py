@@ -19,6 +19,7 @@ entropy curve is then checked for a plateau (:func:`stats.plateau_step`) and row
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -29,7 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import stats
+from mergemodules import hard_masks
+
+from . import rowcache, stats
 from .zoo import Zoo, _progress, encode
 
 logger = logging.getLogger(__name__)
@@ -139,10 +142,15 @@ class Result:
         """(mean, low, high): the 95 % interval of the mean over tasks (see :mod:`stats`)."""
         return stats.mean_ci(self.correct) if self.correct else (float("nan"),) * 3
 
-    def to_json(self) -> dict[str, Any]:
-        """Everything but the per-example vectors, plus the mean, its interval and per-task Wilson intervals."""
+    def cache_json(self) -> dict[str, Any]:
+        """The fields but the per-example vectors (:mod:`rowcache` stores those beside)."""
         d = dataclasses.asdict(self)
         d.pop("correct")
+        return d
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the per-example vectors, plus the mean, its interval and per-task Wilson intervals."""
+        d = self.cache_json()
         mean, lo, hi = self.ci()
         d.update(mean=mean, mean_ci=[lo, hi], n_test={k: len(v) for k, v in self.correct.items()},
                  test_ci={k: stats.wilson(int(v.sum()), len(v)) for k, v in self.correct.items()})
@@ -352,7 +360,7 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
             if res.adaptation:
                 res.adaptation["entropy_after"] = _entropies(pred)
             if keep is not None and row.label in KEEP_FOR_PLOTS:
-                keep[row.label] = merged
+                keep[row.label] = hard_masks(merged)
     except FloatingPointError as e:  # TTA diverged: report it, never a number
         res.status, res.note, res.test, res.correct = "diverged", str(e), {}, {}
         logger.error("%s: diverged (%s)", row.label, e)
@@ -362,21 +370,41 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
     return res
 
 
-def run_all(zoo: Zoo, rc: RunConfig, keep: dict[str, nn.Module] | None = None,
-            on_result: Callable[[Result], None] | None = None) -> list[Result]:
-    """Every row of :data:`ROWS` (or ``rc.rows`` and the rows their initial λ comes from) in order."""
+def run_all(zoo: Zoo, rc: RunConfig, keep: dict[str, dict[str, torch.Tensor]] | None = None,
+            on_result: Callable[[Result], None] | None = None, cache: bool = True) -> list[Result]:
+    """Every row of :data:`ROWS` (or ``rc.rows`` and the rows their initial λ comes from) in order.
+
+    ``keep`` receives the hard masks of the :data:`KEEP_FOR_PLOTS` rows; with ``cache`` a row whose inputs are
+    unchanged is read from :mod:`rowcache` instead of run, and every row run is stored there.
+    """
     wanted = None if rc.rows is None else set(rc.rows) | {r.init_from for r in ROWS if r.label in rc.rows and r.init_from}
     chosen: dict[str, dict[str, Any]] = {}
     results = []
     for row in ROWS:
         if wanted is not None and row.label not in wanted:
             continue
-        r = run_row(zoo, row, rc, chosen, keep)
+        k = rowcache.key(zoo, row.label, rc, chosen)
+        hit = rowcache.load(zoo, row.label, k) if cache else None
+        if hit:
+            r, masks = _from_cache(*hit)
+            logger.info("%s: mean test accuracy %.4f (from the row cache)", row.label, r.mean)
+        else:
+            masks = {}
+            r = run_row(zoo, row, rc, chosen, masks if row.label in KEEP_FOR_PLOTS else None)
+            masks = masks.get(row.label, {})
+            rowcache.save(zoo, row.label, k, json.loads(json.dumps(r.cache_json(), default=float)), r.correct, masks)
+        if keep is not None and masks:
+            keep[row.label] = masks
         chosen[row.label] = r.chosen
         results.append(r)
         if on_result:
             on_result(r)
     return results
+
+
+def _from_cache(obj: dict[str, Any], arrays: dict[str, np.ndarray], masks: dict[str, torch.Tensor]
+                ) -> tuple[Result, dict[str, torch.Tensor]]:
+    return Result(**obj, correct=arrays), masks
 
 
 def cart_rank_sweep(zoo: Zoo, ranks: tuple[float, ...], split: str = "test") -> list[tuple[float, float]]:

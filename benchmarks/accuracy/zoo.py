@@ -39,6 +39,7 @@ from torch import nn
 
 from . import data as bdata
 from . import decoder as bdec
+from . import models
 from .models import (TextModelSpec, VisionModelSpec, build_text_encoder, build_vision_encoder,
                      feature_dim, load_tokenizer, tokenize)
 
@@ -307,6 +308,10 @@ def _to_tensors(cfg: SuiteConfig, td: bdata.TaskData, tokenizer) -> tuple[dict, 
 
 def _pretrained_source(cfg: SuiteConfig) -> dict[str, Any]:
     """Where the pretrained weights come from and the sha256 of that file (None: built in code)."""
+    if cfg.suite == "vision" and cfg.vision_model.kind in models.BACKBONE_FILES:
+        path = models.BACKBONE_FILES[cfg.vision_model.kind]
+        return {"source": f"backbone {cfg.vision_model.kind!r} registered by {path} (seed {cfg.seed})",
+                "source_sha256": sha256_file(path)}
     if cfg.suite == "vision" and cfg.vision_model.kind == "dinov2":
         from . import dinov2
 

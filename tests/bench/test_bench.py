@@ -1,10 +1,14 @@
 """The benchmark on a tiny configuration: real data, a tiny zoo, every method, the cache's guarantees."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from benchmarks.accuracy import data as D
 from benchmarks.accuracy import table as T
@@ -90,6 +94,41 @@ def test_run_suite_writes_table_section_plots_and_keeps_other_sections(text_zoo,
     assert {"masks_CART+AdaRank", "adaptation", "lambda", "cosine", "spectra"} <= set(out["plots"])
     assert all(os.path.getsize(p) > 1000 for p in out["plots"].values())
     assert "CART+AdaRank" in text and "not run: Weight Averaging, TIES" in text
+
+
+def test_rows_are_read_back_from_the_row_cache_until_an_input_changes(text_zoo, monkeypatch, caplog):
+    from benchmarks.accuracy import rowcache
+
+    rc = T.RunConfig(tta_steps=2, track_every=1, plateau_window=1, track_examples=4, grid=(0.4,), seed=7,
+                     rows=("Task Arithmetic", "CART+AdaRank"))
+    keep: dict = {}
+    first = T.run_all(text_zoo, rc, keep=keep)
+    assert set(keep) == {"CART+AdaRank"} and all(m.dtype == torch.bool for m in keep["CART+AdaRank"].values())
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a cached row was run again")
+
+    monkeypatch.setattr(T, "run_row", must_not_run)
+    kept_again: dict = {}
+    again = T.run_all(text_zoo, rc, keep=kept_again)
+    for a, b in zip(first, again):
+        assert (a.label, a.test, a.chosen, a.adaptation["track"] if a.adaptation else None) == \
+            (b.label, b.test, b.chosen, b.adaptation["track"] if b.adaptation else None)
+        assert all(np.array_equal(a.correct[k], b.correct[k]) for k in a.correct)
+    assert all(torch.equal(keep["CART+AdaRank"][k], kept_again["CART+AdaRank"][k]) for k in keep["CART+AdaRank"])
+    with pytest.raises(AssertionError, match="cached row"):  # another step budget is another entry
+        T.run_all(text_zoo, dataclasses.replace(rc, tta_steps=3))
+    with pytest.raises(AssertionError, match="cached row"):  # so is an edit of the library or benchmark source
+        monkeypatch.setattr(rowcache, "code_digest", lambda: "edited")
+        T.run_all(text_zoo, rc)
+    monkeypatch.undo()
+    # a truncated entry is run again, with a warning
+    entry = next(p for p in (Path(text_zoo.directory) / "rows").glob("task_arithmetic-*.npz")
+                 if rowcache.key(text_zoo, "Task Arithmetic", rc, {}) in p.name)
+    entry.write_bytes(entry.read_bytes()[:20])
+    with caplog.at_level("WARNING"):
+        assert T.run_all(text_zoo, rc, cache=True)[0].test == first[0].test
+    assert "unreadable entry" in caplog.text
 
 
 def test_cli_help_and_presets(capsys):

@@ -20,6 +20,7 @@ def registry(monkeypatch):
     monkeypatch.setattr(bdata, "ALL_TASKS", dict(bdata.ALL_TASKS))
     monkeypatch.setattr(plugins, "SUITES", {})
     monkeypatch.setattr(models, "VISION_BACKBONES", {})
+    monkeypatch.setattr(models, "BACKBONE_FILES", {})
 
 
 def test_the_example_task_file_runs_as_its_own_suite(registry, tmp_path, capsys):
@@ -55,6 +56,12 @@ def test_the_example_backbone_is_merged_like_a_built_in_one(registry, tmp_path, 
     assert rows["AdaMerging (layer-wise)"]["adaptation"]["lambda_after"]["n"] == 2 * 4  # 2 Linear layers × (W, b) × 2 tasks
     # the Individual row re-evaluates the cached fine-tuned backbones: the zoo's own numbers
     assert rows["Individual"]["test"] == pytest.approx({t: v["individual"]["test"] for t, v in out["tasks"].items()})
+    # the zoo records the registering file as its pretrained source, and rebuilds when that file changes
+    manifest = json.load(open(os.path.join(out["zoo"], "manifest.json")))
+    assert BACKBONE in manifest["pretrained"]["source"] and "random init" not in manifest["pretrained"]["source"]
+    from benchmarks.accuracy import zoo as Z
+
+    assert manifest["pretrained"]["source_sha256"] == Z.sha256_file(BACKBONE)
 
 
 def test_bad_registrations_name_the_problem(registry, tmp_path):

@@ -1,0 +1,96 @@
+"""Row results cached beside the zoo, so a re-run with nothing changed reads them instead of merging again.
+
+An entry is keyed by everything its numbers depend on: the zoo's checkpoints (their sha256 in the manifest),
+the run configuration, the choices handed on from other rows (CART+AdaRank starts from CART's λ), and the
+source of the library and of this benchmark. Editing any ``.py`` file under ``mergemodules/`` or
+``benchmarks/accuracy/`` invalidates every entry: the zoo's rebuild-on-change rule, applied to rows.
+
+Layout, under ``<zoo>/rows/``: ``<name>-<key>.npz`` (per-example correctness, and the hard masks a plot needs)
+is written first, ``<name>-<key>.json`` last, each atomically; an entry counts only when both exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mergemodules.files import atomic_write
+
+from .zoo import Zoo, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = (Path(__file__).resolve().parents[2] / "mergemodules", Path(__file__).resolve().parent)
+_MASK = "mask::"  # npz key prefix of a hard mask (layer name after it)
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 of every ``.py`` file of the library and of this benchmark (paths and bytes, in sorted order)."""
+    h = hashlib.sha256()
+    for root in _SOURCES:
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root.parent)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def key(zoo: Zoo, what: str, config: Any, inputs: Any = None) -> str:
+    """The cache key of ``what`` (a row label, ``sweep`` or ``diagnostics``) on ``zoo`` under ``config``."""
+    checkpoints = {"pretrained": zoo.manifest["pretrained"]["sha256"],
+                   "tasks": {name: entry["sha256"] for name, entry in sorted(zoo.manifest["tasks"].items())}}
+    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    if isinstance(config, dict):
+        config = {k: v for k, v in config.items() if k != "rows"}  # which rows run does not change a row
+    blob = json.dumps({"what": what, "checkpoints": checkpoints, "config": config, "inputs": inputs,
+                       "code": code_digest()}, sort_keys=True, default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _stem(zoo: Zoo, what: str, k: str) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "_", what.lower()).strip("_")
+    return Path(zoo.directory) / "rows" / f"{slug}-{k}"
+
+
+def save(zoo: Zoo, what: str, k: str, obj: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
+         masks: dict[str, torch.Tensor] | None = None) -> None:
+    """Store ``obj`` (JSON) with its arrays and boolean masks under ``key`` ``k``."""
+    stem = _stem(zoo, what, k)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    packed = {**(arrays or {}), **{_MASK + name: m.numpy() for name, m in (masks or {}).items()}}
+
+    def write(tmp: str) -> None:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **packed)
+        Path(tmp).write_bytes(buffer.getvalue())
+
+    atomic_write(stem.with_suffix(".npz"), write)
+    atomic_write_json(obj, str(stem.with_suffix(".json")))
+
+
+def load(zoo: Zoo, what: str, k: str) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, torch.Tensor]] | None:
+    """(obj, arrays, masks) stored under ``k``, or None when absent or unreadable (logged)."""
+    stem = _stem(zoo, what, k)
+    if not (stem.with_suffix(".json").is_file() and stem.with_suffix(".npz").is_file()):
+        return None
+    try:
+        obj = json.loads(stem.with_suffix(".json").read_text())
+        with np.load(stem.with_suffix(".npz")) as npz:
+            packed = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        logger.warning("row cache: unreadable entry %s (%s); running it again", stem, e)
+        return None
+    arrays = {n: a for n, a in packed.items() if not n.startswith(_MASK)}
+    masks = {n[len(_MASK):]: torch.from_numpy(a) for n, a in packed.items() if n.startswith(_MASK)}
+    return obj, arrays, masks
