@@ -281,7 +281,9 @@ def _body(cfg: SuiteConfig, zoo: Zoo, results: list[T.Result], sweep, diag, rel:
     adapt = adaptation_table(results)
     if adapt:
         body += [f"Adaptation (Adam (0.9, 0.999), batch {rc.tta_batch_size} per task, on every task's test inputs, "
-                 f"{rc.tta_steps} steps). Plateau rule on the entropy curve (E(0) over all test inputs, then the mean "
+                 f"{'up to ' if rc.stop_at_plateau else ''}{rc.tta_steps} steps"
+                 f"{', stopping at the first window end where the rule holds' if rc.stop_at_plateau else ''}). "
+                 f"Plateau rule on the entropy curve (E(0) over all test inputs, then the mean "
                  f"batch entropy of each {rc.track_every}-step window): plateau at step s when the entropy fell by at "
                  f"most {rc.plateau_rel:g} × its decrease since step 0 (+ {rc.plateau_tol:g} × E(0) + the 95 % noise of the "
                  f"window means) over the last "

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from typing import Any, Callable, Mapping
 
@@ -94,6 +95,7 @@ class RunConfig:
     plateau_window: int = 100  # plateau: the last W steps gave ≤ plateau_rel of the decrease so far
     plateau_rel: float = 0.05
     plateau_tol: float = 1e-3  # ... plus this fraction of the initial entropy (numerical floor)
+    stop_at_plateau: bool = True  # stop at the first window end where the rule holds (False: run the whole budget)
     grid_on_test: bool = False  # also score every grid λ on test (the diagnostic λ curves; never used to choose)
     awd_steps: int = 200
     awd_alphas: tuple[float, ...] = (1e-4,)
@@ -255,10 +257,30 @@ def _mask_flips(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor])
             "kept_after": sum(int(a.sum()) for a in after.values()), "total": sum(b.numel() for b in before.values())}
 
 
-def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Entropy minimisation on every task's unlabeled test inputs for the step budget, then the plateau rule.
+def _entropy_curve(history: list[dict[str, Any]], start: dict[str, dict[str, np.ndarray]], rc: RunConfig
+                   ) -> tuple[list[float], list[dict[str, Any]], int | None]:
+    """(batch losses, the tracked curve, the plateau step or None) of an adaptation's history so far."""
+    losses = [float(h["loss"]) for h in history if "loss" in h]
+    accuracy = {h["step"]: _mean(h["accuracy"]) for h in history if "accuracy" in h}
+    k = rc.track_every
+    track = [{"step": 0, "entropy": sum(_entropies(start).values()), "accuracy": accuracy[0]}]
+    track += [{"step": s, "entropy": float(np.mean(losses[s - k: s])), "accuracy": accuracy.get(s, float("nan"))}
+              for s in range(k, len(losses) + 1, k)]
+    # the rule compares means over whole windows of W steps (the last W vs the W before), with their noise
+    smooth, se = [(0, track[0]["entropy"])], {}
+    for s in range(k, len(losses) + 1, k):
+        w = losses[max(0, s - rc.plateau_window): s]
+        smooth.append((s, float(np.mean(w))))
+        se[s] = float(np.std(w, ddof=1) / math.sqrt(len(w))) if len(w) > 1 else 0.0
+    return losses, track, stats.plateau_step(smooth, rc.plateau_window, rc.plateau_rel, rc.plateau_tol, se=se)
 
-    One call of the library's loop (Adam state kept over the whole budget). The entropy curve: E(0) over
+
+def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Entropy minimisation on every task's unlabeled test inputs up to the step budget, with the plateau rule.
+
+    The library's loop in chunks of ``plateau_window`` steps, each resumed from the previous one's checkpoint
+    (Adam state and data order carried over: the same numbers as one uninterrupted call); with
+    ``rc.stop_at_plateau`` it stops after the first chunk at whose end the rule holds. The entropy curve: E(0) over
     all test inputs, then the mean batch entropy over each window of ``track_every`` steps (plotted); the
     plateau rule compares the means of the last ``plateau_window`` steps and of the window before. Accuracy on
     the first ``track_examples`` test examples of each task every ``track_every`` steps (labels used only there).
@@ -274,25 +296,20 @@ def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str
              for t in zoo.tasks}
     tracked = {t.name: [(t.x["test"][:rc.track_examples], t.y["test"][:rc.track_examples])] for t in zoo.tasks}
     coef0, masks0 = _coefs(merged), _masks(merged)
-    history = adapt(merged, tasks, steps=rc.tta_steps, lr=lr, seed=rc.seed, eval_data=tracked, eval_every=rc.track_every,
-                    progress=os.environ.get("MERGEMODULES_BENCH_QUIET") != "1", pad_id=PAD_ID)
-    losses = [float(h["loss"]) for h in history if "loss" in h]
-    accuracy = {h["step"]: _mean(h["accuracy"]) for h in history if "accuracy" in h}
-    k = rc.track_every
-    track = [{"step": 0, "entropy": sum(_entropies(start).values()), "accuracy": accuracy[0]}]
-    track += [{"step": s, "entropy": float(np.mean(losses[s - k: s])), "accuracy": accuracy.get(s, float("nan"))}
-              for s in range(k, len(losses) + 1, k)]
-    # the rule compares means over whole windows of W steps (the last W vs the W before), with their noise
-    smooth, se = [(0, track[0]["entropy"])], {}
-    for s in range(k, len(losses) + 1, k):
-        w = losses[max(0, s - rc.plateau_window): s]
-        smooth.append((s, float(np.mean(w))))
-        se[s] = float(np.std(w, ddof=1) / math.sqrt(len(w))) if len(w) > 1 else 0.0
-    plateau = stats.plateau_step(smooth, rc.plateau_window, rc.plateau_rel, rc.plateau_tol, se=se)
+    budgets = list(range(rc.plateau_window, rc.tta_steps, rc.plateau_window)) + [rc.tta_steps]
+    history: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:  # chunks resumed from a checkpoint: bit-identical to one run
+        for budget in (budgets if rc.stop_at_plateau else budgets[-1:]):
+            history = adapt(merged, tasks, steps=budget, lr=lr, seed=rc.seed, eval_data=tracked,
+                            eval_every=rc.track_every, checkpoint=os.path.join(tmp, "adapt.pt"), resume=bool(history),
+                            progress=os.environ.get("MERGEMODULES_BENCH_QUIET") != "1", pad_id=PAD_ID)
+            losses, track, plateau = _entropy_curve(history, start, rc)
+            if plateau is not None:
+                break
     coef1 = _coefs(merged)
     return {"steps": len(losses), "budget": rc.tta_steps, "lr": lr, "batch_size": rc.tta_batch_size,
-            "converged": plateau is not None, "plateau_step": plateau,
-            "rule": {"window": rc.plateau_window, "rel": rc.plateau_rel, "tol": rc.plateau_tol, "every": k,
+            "converged": plateau is not None, "plateau_step": plateau, "stop_at_plateau": rc.stop_at_plateau,
+            "rule": {"window": rc.plateau_window, "rel": rc.plateau_rel, "tol": rc.plateau_tol, "every": rc.track_every,
                      "tracked": rc.track_examples},
             "entropy_before": _entropies(start), "accuracy_before": _accuracies(start), "track": track,
             "batch_loss": [round(v, 5) for v in losses],

@@ -1,6 +1,8 @@
 """The runner's rows on the tiny text zoo: transductive adaptation and its evidence, grids, references."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -33,7 +35,7 @@ def test_grid_reports_the_paper_lambda_beside_the_val_choice(text_zoo):
 
 
 def test_adaptation_is_transductive_and_shows_its_evidence(text_zoo):
-    rc = T.RunConfig(tta_steps=8, track_every=2, plateau_window=4, track_examples=8, tta_lr=0.05)
+    rc = T.RunConfig(tta_steps=8, track_every=2, plateau_window=4, track_examples=8, tta_lr=0.05, stop_at_plateau=False)
     res = T.run_row(text_zoo, T.Row("TA+AdaRank", "adarank_ta", tta=True), rc, {})
     a = res.adaptation
     assert a["steps"] == 8 and [r["step"] for r in a["track"]] == [0, 2, 4, 6, 8] and len(a["batch_loss"]) == 8
@@ -73,7 +75,8 @@ def test_adaptation_uses_only_the_test_inputs(text_zoo, monkeypatch):
 
 
 def test_entropy_curve_is_the_windowed_batch_entropy(text_zoo):
-    rc = T.RunConfig(tta_steps=6, track_every=3, plateau_window=3, track_examples=8, plateau_rel=1.0, plateau_tol=1.0)
+    rc = T.RunConfig(tta_steps=6, track_every=3, plateau_window=3, track_examples=8, plateau_rel=1.0, plateau_tol=1.0,
+                     stop_at_plateau=False)
     a = T.run_row(text_zoo, T.Row("AdaMerging (task-wise)", "adamerging_taskwise", tta=True), rc, {}).adaptation
     loss = a["batch_loss"]
     assert [r["step"] for r in a["track"]] == [0, 3, 6]
@@ -107,3 +110,20 @@ def test_adarank_rows_take_their_own_rate(text_zoo):
     # one Adam step moves every λ by about lr
     assert ada.adaptation["lambda_change"]["max_abs"] == pytest.approx(5e-5, rel=0.05)
     assert lw.adaptation["lambda_change"]["max_abs"] == pytest.approx(1e-3, rel=0.05)
+
+
+def test_adaptation_in_chunks_is_one_run_and_stops_at_the_plateau(text_zoo, monkeypatch):
+    from benchmarks.accuracy import stats
+
+    rc = T.RunConfig(tta_steps=8, track_every=2, plateau_window=4, track_examples=8, tta_lr=0.05, stop_at_plateau=False)
+    row = T.Row("TA+AdaRank", "adarank_ta", tta=True)
+    whole = T.run_row(text_zoo, row, rc, {})
+    monkeypatch.setattr(stats, "plateau_step", lambda *args, **kwargs: None)
+    chunked = T.run_row(text_zoo, row, dataclasses.replace(rc, stop_at_plateau=True), {})  # steps 1-4, then 5-8
+    assert chunked.adaptation["batch_loss"] == whole.adaptation["batch_loss"] and chunked.test == whole.test
+    assert chunked.adaptation["lambda_after"] == whole.adaptation["lambda_after"]
+    monkeypatch.setattr(stats, "plateau_step", lambda curve, *args, **kwargs: curve[-1][0])  # plateau at once
+    stopped = T.run_row(text_zoo, row, dataclasses.replace(rc, stop_at_plateau=True), {})
+    a = stopped.adaptation
+    assert (a["steps"], a["budget"], a["plateau_step"], a["converged"]) == (4, 8, 4, True)
+    assert a["batch_loss"] == whole.adaptation["batch_loss"][:4]
