@@ -5,8 +5,8 @@ the factorisation differs:
 
 * ``loop full SVD``: for every matrix, for every task, ``torch.linalg.svd`` of the whole matrix in the
   compute dtype, then the top k kept (what the public CART/AdaRank code does);
-* ``mergemodules exact``: the default ``svd="exact"`` (``decompose.truncated_svd``): per task, the
-  eigendecomposition of the smaller Gram matrix in float64, U = A·V/σ;
+* ``mergemodules exact``: the default ``svd="exact"`` (``decompose.truncated_svd``): per task (tasks side by
+  side on the torch threads), the top-k eigenpairs of the smaller Gram matrix in float64 (LAPACK ``syevr``), U = A·V/σ;
 * ``mergemodules randomized``: ``svd="randomized"`` (Halko et al., 10 oversamples, 3 subspace iterations),
   the default before issue #11.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .files import atomic_write
 from .masks import hard_masks, task_labels

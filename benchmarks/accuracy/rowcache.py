@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import zipfile
 from pathlib import Path
