@@ -315,3 +315,19 @@ def test_tsv_merges_a_weight_no_task_changed():
     fused = merged.fuse()
     torch.testing.assert_close(fused[0].weight, base[0].weight)
     assert torch.isfinite(fused[1].weight).all()
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_exact_gives_the_same_factors_on_one_thread_and_on_tasks_side_by_side(shape):
+    A = torch.randn(3, *shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = truncated_svd(A, 6)
+        torch.set_num_threads(3)  # three tasks on three threads, one BLAS thread each
+        side_by_side = truncated_svd(A, 6)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, side_by_side):
+        assert torch.equal(a, b)
+    assert float(relative_error(one, lapack_top_k(A, 6)).max()) < 1e-12

@@ -247,9 +247,8 @@ def _cached(zoo: Zoo, what: str, config: dict[str, Any], compute: Callable[[], A
     hit = rowcache.load(zoo, what, k) if use_cache else None
     if hit:
         return hit[0]["value"]
-    value = json.loads(json.dumps(compute(), default=float))
-    rowcache.save(zoo, what, k, {"value": value})
-    return value
+    rowcache.save(zoo, what, k, {"value": compute()})
+    return rowcache.load(zoo, what, k)[0]["value"]  # the stored form, as a later run reads it
 
 
 def _diagnostics(zoo: Zoo) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def _stem(zoo: Zoo, what: str, k: str) -> Path:
 
 def save(zoo: Zoo, what: str, k: str, obj: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
          masks: dict[str, torch.Tensor] | None = None) -> None:
-    """Store ``obj`` (JSON) with its arrays and boolean masks under ``key`` ``k``."""
+    """Store ``obj`` (as JSON: numpy and torch scalars become floats) with its arrays and boolean masks under ``k``."""
     stem = _stem(zoo, what, k)
     stem.parent.mkdir(parents=True, exist_ok=True)
     packed = {**(arrays or {}), **{_MASK + name: m.numpy() for name, m in (masks or {}).items()}}
@@ -75,7 +75,7 @@ def save(zoo: Zoo, what: str, k: str, obj: dict[str, Any], arrays: dict[str, np.
         Path(tmp).write_bytes(buffer.getvalue())
 
     atomic_write(stem.with_suffix(".npz"), write)
-    atomic_write_json(obj, str(stem.with_suffix(".json")))
+    atomic_write_json(json.loads(json.dumps(obj, default=float)), str(stem.with_suffix(".json")))
 
 
 def load(zoo: Zoo, what: str, k: str) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, torch.Tensor]] | None:

@@ -19,7 +19,6 @@ entropy curve is then checked for a plateau (:func:`stats.plateau_step`) and row
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -79,7 +78,7 @@ ROWS: tuple[Row, ...] = (
 STATIC_ORDER = ("Weight Averaging", "Task Arithmetic", "TIES", "CART")
 ADAPTIVE_ORDER = ("AdaMerging (layer-wise)", "CART++", "CART+AdaRank")
 
-KEEP_FOR_PLOTS = ("TA+AdaRank", "CART+AdaRank")  # merged models handed back for the mask plot (memory)
+KEEP_FOR_PLOTS = ("TA+AdaRank", "CART+AdaRank")  # rows whose hard masks are handed back for the mask plot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,13 +402,14 @@ def run_all(zoo: Zoo, rc: RunConfig, keep: dict[str, dict[str, torch.Tensor]] | 
         k = rowcache.key(zoo, row.label, rc, chosen)
         hit = rowcache.load(zoo, row.label, k) if cache else None
         if hit:
-            r, masks = _from_cache(*hit)
+            obj, correct, masks = hit
+            r = Result(**obj, correct=correct)
             logger.info("%s: mean test accuracy %.4f (from the row cache)", row.label, r.mean)
         else:
-            masks = {}
-            r = run_row(zoo, row, rc, chosen, masks if row.label in KEEP_FOR_PLOTS else None)
-            masks = masks.get(row.label, {})
-            rowcache.save(zoo, row.label, k, json.loads(json.dumps(r.cache_json(), default=float)), r.correct, masks)
+            kept: dict[str, dict[str, torch.Tensor]] = {}
+            r = run_row(zoo, row, rc, chosen, kept)
+            masks = kept.get(row.label, {})
+            rowcache.save(zoo, row.label, k, r.cache_json(), r.correct, masks)
         if keep is not None and masks:
             keep[row.label] = masks
         chosen[row.label] = r.chosen
@@ -417,11 +417,6 @@ def run_all(zoo: Zoo, rc: RunConfig, keep: dict[str, dict[str, torch.Tensor]] | 
         if on_result:
             on_result(r)
     return results
-
-
-def _from_cache(obj: dict[str, Any], arrays: dict[str, np.ndarray], masks: dict[str, torch.Tensor]
-                ) -> tuple[Result, dict[str, torch.Tensor]]:
-    return Result(**obj, correct=arrays), masks
 
 
 def cart_rank_sweep(zoo: Zoo, ranks: tuple[float, ...], split: str = "test") -> list[tuple[float, float]]:
