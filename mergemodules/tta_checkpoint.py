@@ -152,6 +152,8 @@ class Checkpoint:
             warnings.warn(f"checkpoint: {str(path)!r} predates merge fingerprints: cannot check that it belongs to "
                           "this merge", stacklevel=4)
         else:
+            saved_tensors = state["fingerprint"]["tensors"]
+            state["fingerprint"]["tensors"] = {_current_name(k): v for k, v in saved_tensors.items()}
             difference = _fingerprint_difference(state["fingerprint"], self.fingerprint)
             if difference is not None:
                 raise ValueError(f"checkpoint: {str(path)!r} was written for another merge: {difference}")

@@ -37,8 +37,14 @@ def test_a_checkpoint_with_the_old_layer_names_resumes(tmp_path) -> None:
     mm.adapt(merged, tasks(), steps=2, lr=0.02, seed=1, checkpoint=path)
     state = torch.load(path, weights_only=True)
     assert any(".merged_weight." in key for key in state["params"])
-    state["params"] = {key.replace(".merged_weight.", ".weight_merge.").replace(".merged_bias.", ".bias_merge."): value
-                       for key, value in state["params"].items()}
+
+    def old_names(named: dict) -> dict:
+        return {key.replace(".merged_weight.", ".weight_merge.").replace(".merged_bias.", ".bias_merge."): value
+                for key, value in named.items()}
+
+    state["params"] = old_names(state["params"])
+    state["fingerprint"]["tensors"] = old_names(state["fingerprint"]["tensors"])  # its digests are named too
+    assert any(".weight_merge." in key for key in state["fingerprint"]["tensors"])
     torch.save(state, path)
     resumed = mm.merge(*models(), "adarank_ta")
     history = mm.adapt(resumed, tasks(), steps=4, lr=0.02, seed=1, checkpoint=path, resume=True)
