@@ -21,13 +21,14 @@ matrices are decomposed through their transpose, and singular vectors get determ
 """
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, NamedTuple
 
 import scipy.linalg
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
 __all__ = ["Factors", "SVD_SOLVERS", "check_svd", "compute_dtype", "resolve_rank", "truncated_svd"]
@@ -130,12 +131,18 @@ def _exact_svd(A: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return U[:, :k], S[:k], Vh[:k].mT
 
 
+@functools.cache
+def _blas_threads() -> ThreadpoolController:
+    """The loaded BLAS libraries (numpy's, scipy's), inspected once: limiting them is then a cheap call."""
+    return ThreadpoolController()
+
+
 def _each_task(A: Tensor, k: int) -> list[tuple[Tensor, Tensor, Tensor]]:
     """:func:`_exact_svd` of every ``A[t]``; on the CPU tasks run side by side on ``torch.get_num_threads()``
     threads, LAPACK on one thread each (the tridiagonal reduction gains little from more)."""
     threads = torch.get_num_threads()
     workers = min(A.shape[0], threads) if A.device.type == "cpu" else 1
-    with threadpool_limits(1 if workers > 1 else threads, user_api="blas"):
+    with _blas_threads().limit(limits=1 if workers > 1 else threads, user_api="blas"):
         if workers == 1:
             return [_exact_svd(a, k) for a in A]
         with ThreadPoolExecutor(workers) as pool:
