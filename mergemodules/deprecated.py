@@ -1,7 +1,8 @@
 """Deprecated aliases of names that moved to a higher floor (removed in 0.2), installed here so no module imports up.
 
-Each old home keeps working: ``mergemodules.masks.plot_masks``, ``mergemodules.methods.awd.with_awd`` and
-``FittedAWD.plot_cosine`` warn with a DeprecationWarning naming the new home. The package imports this module
+Each old home keeps working: ``mergemodules.masks.plot_masks``, ``mergemodules.methods.awd.with_awd``,
+``FittedAWD.plot_cosine`` and the renamed ``TaskVectorSource`` (now ``TaskVectorProvider``, in
+``mergemodules.methods`` and ``mergemodules.methods.base``) warn with a DeprecationWarning naming the new home. The package imports this module
 last, so the aliases exist whatever a user imports first (importing a submodule imports the package).
 """
 from __future__ import annotations
@@ -17,22 +18,25 @@ from .methods import awd
 
 __all__ = ["install"]
 
-# old module → {moved name: (new module, the advice in the warning)}
-MOVED: dict[ModuleType, dict[str, tuple[ModuleType, str]]] = {
-    masks: {"plot_masks": (plotting, "use mergemodules.plot_masks (mergemodules.plotting.plot_masks)")},
-    awd: {"with_awd": (methods, "import it from mergemodules.methods")},
+_RENAMED = "use TaskVectorProvider"
+# old module → {old name: (new module, name there, the advice in the warning)}
+MOVED: dict[ModuleType, dict[str, tuple[ModuleType, str, str]]] = {
+    masks: {"plot_masks": (plotting, "plot_masks", "use mergemodules.plot_masks (mergemodules.plotting.plot_masks)")},
+    awd: {"with_awd": (methods, "with_awd", "import it from mergemodules.methods")},
+    methods: {"TaskVectorSource": (methods, "TaskVectorProvider", _RENAMED)},
+    methods.base: {"TaskVectorSource": (methods.base, "TaskVectorProvider", _RENAMED)},
 }
 
 
-def _module_getattr(module: ModuleType, moved: dict[str, tuple[ModuleType, str]]) -> Any:
+def _module_getattr(module: ModuleType, moved: dict[str, tuple[ModuleType, str, str]]) -> Any:
     """A PEP 562 ``__getattr__`` for ``module`` that hands out its moved names with a DeprecationWarning."""
 
     def __getattr__(name: str) -> Any:
         if name not in moved:
             raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
-        home, advice = moved[name]
+        home, new_name, advice = moved[name]
         warnings.warn(f"{module.__name__}.{name} is deprecated: {advice}", DeprecationWarning, stacklevel=2)
-        return getattr(home, name)
+        return getattr(home, new_name)
 
     return __getattr__
 

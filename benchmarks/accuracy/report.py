@@ -247,8 +247,7 @@ def _cached(zoo: Zoo, what: str, config: dict[str, Any], compute: Callable[[], A
     hit = rowcache.load(zoo, what, k) if use_cache else None
     if hit:
         return hit[0]["value"]
-    rowcache.save(zoo, what, k, {"value": compute()})
-    return rowcache.load(zoo, what, k)[0]["value"]  # the stored form, as a later run reads it
+    return rowcache.save(zoo, what, k, {"value": compute()})["value"]  # the stored form, as a later run reads it
 
 
 def _diagnostics(zoo: Zoo) -> dict[str, Any]:

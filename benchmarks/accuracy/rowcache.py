@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import re
@@ -46,7 +45,8 @@ def code_digest() -> str:
 
 
 def key(zoo: Zoo, what: str, config: Any, inputs: Any = None) -> str:
-    """The cache key of ``what`` (a row label, ``sweep`` or ``diagnostics``) on ``zoo`` under ``config``."""
+    """The cache key of ``what`` (a row label, ``"cart rank sweep"`` or ``"diagnostics"``) on ``zoo`` under
+    ``config``, given the ``inputs`` handed on from earlier rows."""
     checkpoints = {"pretrained": zoo.manifest["pretrained"]["sha256"],
                    "tasks": {name: entry["sha256"] for name, entry in sorted(zoo.manifest["tasks"].items())}}
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
@@ -63,19 +63,21 @@ def _stem(zoo: Zoo, what: str, k: str) -> Path:
 
 
 def save(zoo: Zoo, what: str, k: str, obj: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
-         masks: dict[str, torch.Tensor] | None = None) -> None:
-    """Store ``obj`` (as JSON: numpy and torch scalars become floats) with its arrays and boolean masks under ``k``."""
+         masks: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Store ``obj`` with its arrays and boolean masks under ``k``; returns ``obj`` as stored (JSON: tuples become
+    lists, numpy and torch scalars floats), i.e. as a later :func:`load` gives it."""
     stem = _stem(zoo, what, k)
     stem.parent.mkdir(parents=True, exist_ok=True)
     packed = {**(arrays or {}), **{_MASK + name: m.numpy() for name, m in (masks or {}).items()}}
 
     def write(tmp: str) -> None:
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **packed)
-        Path(tmp).write_bytes(buffer.getvalue())
+        with open(tmp, "wb") as f:  # a file object: given a name, numpy would append ".npz" to it
+            np.savez_compressed(f, **packed)
 
     atomic_write(stem.with_suffix(".npz"), write)
-    atomic_write_json(json.loads(json.dumps(obj, default=float)), str(stem.with_suffix(".json")))
+    stored = json.loads(json.dumps(obj, default=float))
+    atomic_write_json(stored, str(stem.with_suffix(".json")))
+    return stored
 
 
 def load(zoo: Zoo, what: str, k: str) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, torch.Tensor]] | None:

@@ -5,7 +5,6 @@ import dataclasses
 from typing import Any, Callable
 
 from .awd import AWD
-from . import base
 from .base import Method, TaskVectorProvider, Transform, UnknownMethodError
 from .ties import Ties
 from .tsv import TaskSingularVectors
@@ -98,10 +97,3 @@ def with_awd(method: str | Method, **options: Any) -> Method:
 def method_names(where: Callable[[Method], bool]) -> list[str]:
     """The registered names (not aliases) of the methods for which ``where`` holds, in registration order."""
     return list(dict.fromkeys(method.name for method in METHODS.values() if where(method)))
-
-
-def __getattr__(name: str) -> Any:
-    """Deprecated (removed in 0.2): ``TaskVectorSource`` is now ``TaskVectorProvider``."""
-    if name != "TaskVectorSource":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(base, name)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -137,11 +136,3 @@ class Method:
         if unknown:
             raise TypeError(f"unknown option(s) {unknown} for method {self.name!r}; valid options: {sorted(names)}")
         return dataclasses.replace(self, **options)
-
-
-def __getattr__(name: str) -> Any:
-    """Deprecated (removed in 0.2): ``TaskVectorSource`` is now ``TaskVectorProvider``."""
-    if name != "TaskVectorSource":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"{__name__}.TaskVectorSource is deprecated: use TaskVectorProvider", DeprecationWarning, stacklevel=2)
-    return TaskVectorProvider
