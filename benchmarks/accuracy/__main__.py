@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice, or 1 when the load average exceeds the cores: "
                         "on a shared machine one thread is several times faster than threads that spin-wait)")
+    p.add_argument("--device", default="cpu", help="torch device for fine-tuning, merging and adaptation (e.g. cuda); "
+                   "the data stays on the CPU")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             preset += f"-adarank{args.adarank_lr:g}"
         seeds = args.seeds or (presets.FULL_SEEDS if args.full else (cfg.seed,))
         kw = dict(cache_dir=args.cache, rebuild=args.rebuild, results_md=args.results, plots_dir=args.plots,
-                  json_dir=args.json, command=command.strip(), preset=preset)
+                  json_dir=args.json, command=command.strip(), preset=preset, device=args.device)
         if len(seeds) > 1:
             out = run_seeds(cfg, rc, seeds, **kw)
             outs = list(out["per_seed"].values())

@@ -33,7 +33,7 @@ def cosine(zoo: Zoo, centered: bool = False) -> list[list[float]]:
     gram = torch.zeros(len(zoo.tasks), len(zoo.tasks), dtype=torch.float64)
     for name in _names(zoo):  # one parameter at a time: memory of T copies of the largest tensor only
         v = _task_vectors(zoo, name, centered).flatten(1)
-        gram += v @ v.T
+        gram += (v @ v.T).cpu()
     return cosine_matrix(gram).tolist()
 
 
@@ -52,6 +52,6 @@ def spectra(zoo: Zoo, fractions: tuple[float, ...], centered: bool = False) -> d
         r = s2.shape[1]
         cum = s2.cumsum(1) / s2.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
         cum[s2.sum(1) == 0] = 1.0  # a zero task vector loses nothing
-        kept += cum[:, [max(1, min(r, math.ceil(f * r))) - 1 for f in fractions]]
+        kept += cum[:, [max(1, min(r, math.ceil(f * r))) - 1 for f in fractions]].cpu()
     kept /= len(names)
     return {t.name: [(f, float(k)) for f, k in zip(fractions, kept[i])] for i, t in enumerate(zoo.tasks)}

@@ -30,8 +30,8 @@ def _load() -> str:
         return "n/a"
 
 
-def machine_line() -> str:
-    """The machine in one line: cores, CPU model, torch and its threads, Python, OS."""
+def machine_line(device: torch.device | None = None) -> str:
+    """The machine in one line: the GPU the zoo runs on (if any), cores, CPU model, torch and its threads, Python, OS."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -39,7 +39,8 @@ def machine_line() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads, "
+    gpu = f"{torch.cuda.get_device_name(device)} GPU, " if device is not None and device.type == "cuda" else ""
+    return (f"{gpu}{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads, "
             f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
 
 
@@ -261,7 +262,7 @@ def _body(cfg: SuiteConfig, zoo: Zoo, results: list[T.Result], sweep, diag, rel:
     s = extra["seconds"]
     title = {"full": "full", "default": "reduced default"}.get(extra["preset"], extra["preset"])
     body = [f"## Benchmark: {cfg.suite} suite ({title}, seed {cfg.seed})", "",
-            f"`{extra['command']}` — {extra['date']}; {machine_line()}.",
+            f"`{extra['command']}` — {extra['date']}; {extra['machine']}.",
             f"Wall time {s['total']:.0f} s (zoo {built}: {s['zoo']:.0f} s; methods {s['methods']:.0f} s), CPU time "
             f"{s['cpu']:.0f} s; load average (1/5/15 min) {extra['load_average']['start']} at the start, "
             f"{extra['load_average']['end']} at the end.", "",
@@ -303,11 +304,12 @@ def _body(cfg: SuiteConfig, zoo: Zoo, results: list[T.Result], sweep, diag, rel:
 
 def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None, rebuild: bool = False,
               results_md: str | None = None, plots_dir: str | None = None, json_dir: str | None = None,
-              command: str = "python -m benchmarks.accuracy", preset: str = "default") -> dict[str, Any]:
-    """Build (or reuse) the zoo, run every row, write JSON, plots and this suite's RESULTS.md section."""
+              command: str = "python -m benchmarks.accuracy", preset: str = "default",
+              device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Build (or reuse) the zoo on ``device``, run every row, write JSON, plots and this suite's RESULTS.md section."""
     t0, c0 = time.time(), time.process_time()
     load_start = _load()
-    zoo = build_zoo(cfg, cache_dir, rebuild=rebuild)
+    zoo = build_zoo(cfg, cache_dir, rebuild=rebuild, device=device)
     t_zoo = time.time() - t0
     keep: dict[str, dict[str, torch.Tensor]] = {}
     results = T.run_all(zoo, rc, keep=keep, cache=not rebuild)
@@ -322,7 +324,7 @@ def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None
     extra = {"command": command, "preset": preset, "seconds": {"zoo": round(t_zoo, 1), "methods": round(t_methods, 1),
                                                                  "total": round(total, 1), "cpu": round(cpu, 1)},
              "zoo_rebuilt": zoo.rebuilt, "cart_rank_sweep": sweep, "plots": plot_paths, "run_config": dataclasses.asdict(rc),
-             "machine": machine_line(), "load_average": {"start": load_start, "end": _load()}, "diagnostics": diag,
+             "machine": machine_line(zoo.device), "load_average": {"start": load_start, "end": _load()}, "diagnostics": diag,
              "orderings": ordering_lines(results),
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     obj = {"suite": cfg.suite, "config": cfg.to_json(), "zoo": zoo.directory,

@@ -1,8 +1,8 @@
 """Row results cached beside the zoo, so a re-run with nothing changed reads them instead of merging again.
 
 An entry is keyed by everything its numbers depend on: the zoo's checkpoints (their sha256 in the manifest),
-the run configuration, the choices handed on from other rows (CART+AdaRank starts from CART's λ), and the
-source of the library and of this benchmark. Editing any ``.py`` file under ``mergemodules/`` or
+the run configuration, the choices handed on from other rows (CART+AdaRank starts from CART's λ), the
+device type (a GPU's numbers are not the CPU's), and the source of the library and of this benchmark. Editing any ``.py`` file under ``mergemodules/`` or
 ``benchmarks/accuracy/`` invalidates every entry: the zoo's rebuild-on-change rule, applied to rows.
 
 Layout, under ``<zoo>/rows/``: ``<name>-<key>.npz`` (per-example correctness, and the hard masks a plot needs)
@@ -53,7 +53,7 @@ def key(zoo: Zoo, what: str, config: Any, inputs: Any = None) -> str:
     if isinstance(config, dict):
         config = {k: v for k, v in config.items() if k != "rows"}  # which rows run does not change a row
     blob = json.dumps({"what": what, "checkpoints": checkpoints, "config": config, "inputs": inputs,
-                       "code": code_digest()}, sort_keys=True, default=repr)
+                       "code": code_digest(), "device": zoo.device.type}, sort_keys=True, default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -170,7 +170,7 @@ def predict(zoo: Zoo, encoder: nn.Module | Mapping[str, nn.Module], split: str,
     for t in zoo.tasks:
         x, y = t.x[split][:limit], t.y[split][:limit]
         enc = encoder[t.name] if isinstance(encoder, Mapping) else encoder
-        logits = t.head(encode(enc, x, zoo.config.eval_batch_size)).float()
+        logits = t.head(encode(enc, x, zoo.config.eval_batch_size)).float().cpu()
         log_p = torch.log_softmax(logits, -1)
         out[t.name] = {"correct": (logits.argmax(-1) == y).numpy(),
                        "entropy": (-(log_p.exp() * log_p).sum(-1)).numpy()}
@@ -233,7 +233,7 @@ def _grid(zoo: Zoo, merged: nn.Module, row: Row, grid: tuple[float, ...], rc: Ru
 
 # --------------------------------------------------------------------------- adaptation
 def _coefs(merged: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten().clone() for n, p in merged.named_parameters() if n.endswith("coef")])
+    return torch.cat([p.detach().flatten().cpu() for n, p in merged.named_parameters() if n.endswith("coef")])
 
 
 def _lambda_stats(values: torch.Tensor) -> dict[str, float]:
@@ -244,7 +244,7 @@ def _masks(merged: nn.Module) -> dict[str, torch.Tensor]:
     from mergemodules import hard_masks
 
     has_masks = any(n.endswith("mask_logits") for n, _ in merged.named_parameters())
-    return {k: v.clone() for k, v in hard_masks(merged).items()} if has_masks else {}
+    return {k: v.to("cpu", copy=True) for k, v in hard_masks(merged).items()} if has_masks else {}
 
 
 def _mask_flips(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -376,7 +376,7 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
             if res.adaptation:
                 res.adaptation["entropy_after"] = _entropies(pred)
             if keep is not None and row.label in KEEP_FOR_PLOTS:
-                keep[row.label] = hard_masks(merged)
+                keep[row.label] = {k: v.cpu() for k, v in hard_masks(merged).items()}
     except FloatingPointError as e:  # TTA diverged: report it, never a number
         res.status, res.note, res.test, res.correct = "diverged", str(e), {}, {}
         logger.error("%s: diverged (%s)", row.label, e)

@@ -158,6 +158,14 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- training helpers
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU when it has none)."""
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 def _progress(iterable, **kw):
     from tqdm.auto import tqdm
 
@@ -177,20 +185,22 @@ def encode(encoder: nn.Module, x: torch.Tensor, batch_size: int, desc: str | Non
     it = batches(len(x), batch_size)
     if desc:
         it = _progress(list(it), desc=desc)
-    return torch.cat([encoder(x[s]).float() for s in it]) if len(x) else torch.zeros(0)
+    device = model_device(encoder)
+    return torch.cat([encoder(x[s].to(device)).float() for s in it]) if len(x) else torch.zeros(0)
 
 
 @torch.no_grad()
 def accuracy(encoder: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
     """Fraction of ``x`` that ``head(encoder(x))`` classifies as ``y`` (NaN when empty)."""
     feats = encode(encoder, x, batch_size)
-    return float((head(feats).argmax(-1) == y).float().mean().item()) if len(y) else float("nan")
+    return float((head(feats).argmax(-1).cpu() == y).float().mean().item()) if len(y) else float("nan")
 
 
 def linear_probe(feats: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, seed: int) -> nn.Linear:
     """Multinomial logistic regression on frozen features, as an ``nn.Linear``."""
     from sklearn.linear_model import LogisticRegression
 
+    feats = feats.cpu()
     mean = feats.mean(0, keepdim=True)
     std = feats.std(0, keepdim=True).clamp_min(1e-6)
     z = ((feats - mean) / std).numpy()
@@ -230,6 +240,7 @@ def finetune(encoder: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tens
     """Fine-tune the encoder under the frozen ``head`` (cross-entropy); returns the loss curve."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    device = model_device(encoder)
     head.requires_grad_(False)
     params = list(encoder.parameters())
     for p in params:
@@ -246,7 +257,7 @@ def finetune(encoder: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tens
             perm, pos = torch.randperm(len(y), generator=gen), 0
         idx = perm[pos: pos + hp.batch_size]
         pos += hp.batch_size
-        loss = nn.functional.cross_entropy(head(encoder(x[idx])), y[idx])
+        loss = nn.functional.cross_entropy(head(encoder(x[idx].to(device))), y[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -286,6 +297,11 @@ class Zoo:
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the encoders and heads live (``build_zoo``'s ``device``)."""
+        return model_device(self.pretrained)
 
 
 def _to_tensors(cfg: SuiteConfig, td: bdata.TaskData, tokenizer) -> tuple[dict, dict]:
@@ -380,7 +396,7 @@ def _build_entry(cfg: SuiteConfig, td: bdata.TaskData, pretrained: nn.Module, en
     """Fix the task's head, fine-tune ``encoder`` under it, save both; the manifest entry (head under ``_head``)."""
     t0 = time.time()
     bs = cfg.eval_batch_size
-    head = _initial_head(cfg, td, pretrained, tokenizer, xs, ys, seed)
+    head = _initial_head(cfg, td, pretrained, tokenizer, xs, ys, seed).to(model_device(pretrained))
     zero_shot = {s: accuracy(pretrained, head, xs[s], ys[s], bs) for s in ("val", "test")}
     losses = finetune(encoder, head, xs["train"], ys["train"], cfg.finetune, seed, desc=f"fine-tune {td.name}")
     acc = {s: accuracy(encoder, head, xs[s], ys[s], bs) for s in ("val", "test")}
@@ -400,8 +416,13 @@ def _build_entry(cfg: SuiteConfig, td: bdata.TaskData, pretrained: nn.Module, en
     return entry
 
 
-def build_zoo(cfg: SuiteConfig, cache_dir: str | None = None, *, rebuild: bool = False) -> Zoo:
-    """Load the suite's zoo from the cache, (re)building whatever is missing, stale or corrupt."""
+def build_zoo(cfg: SuiteConfig, cache_dir: str | None = None, *, rebuild: bool = False,
+              device: str | torch.device = "cpu") -> Zoo:
+    """Load the suite's zoo from the cache, (re)building whatever is missing, stale or corrupt, on ``device``.
+
+    Fine-tuning runs on ``device`` and the encoders and heads stay there; the data stays on the CPU and goes to the
+    device batch by batch. A zoo built on one device is reused on any other (the checkpoints are the same files).
+    """
     directory = os.path.join(cache_dir or default_cache_dir(), cfg.key())
     os.makedirs(directory, exist_ok=True)
     mpath = os.path.join(directory, "manifest.json")
@@ -440,7 +461,7 @@ def build_zoo(cfg: SuiteConfig, cache_dir: str | None = None, *, rebuild: bool =
         manifest["tasks"] = {}  # every fine-tuned model depends on the pretrained weights
         rebuilt.append("pretrained")
         save_manifest()
-    pretrained.eval().requires_grad_(False)
+    pretrained.to(device).eval().requires_grad_(False)
     pre_sha = manifest["pretrained"]["sha256"]
 
     tokenizer = {"text": load_tokenizer, "decoder": bdec.load_decoder_tokenizer}.get(cfg.suite, lambda: None)()
@@ -463,7 +484,7 @@ def build_zoo(cfg: SuiteConfig, cache_dir: str | None = None, *, rebuild: bool =
         if entry is not None and not fresh:
             logger.warning("zoo: %s: cached entry made from other data/hyperparameters; rebuilding", name)
         encoder = copy.deepcopy(pretrained)
-        head = nn.Linear(feature_dim(encoder), td.num_classes)
+        head = nn.Linear(feature_dim(encoder), td.num_classes, device=device)
         if fresh and _verified(directory, entry, name):
             sd = load_tensors(os.path.join(directory, entry["file"]))
             encoder.load_state_dict({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")})

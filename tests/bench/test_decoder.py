@@ -240,3 +240,26 @@ def test_decoder_rows_run_through_the_runner(tiny_zoo):
     for t in tiny_zoo.tasks:  # the references are the zoo's own numbers
         assert results["Pretrained"].test[t.name] == pytest.approx(t.entry["zero_shot_accuracy"]["test"])
         assert results["Individual"].test[t.name] == pytest.approx(t.entry["accuracy"]["test"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decoder_suite_on_cuda(tiny_zoo, tmp_path):
+    """``--device cuda``: a zoo built on the GPU stays there; a CPU-built zoo is reused and its rows match the CPU's."""
+    from benchmarks.accuracy import presets
+    from benchmarks.accuracy import table as T
+    from benchmarks.accuracy import zoo as Z
+
+    cfg = _tiny_zoo_config()
+    built = Z.build_zoo(cfg, str(tmp_path), device="cuda")
+    assert built.rebuilt == ["pretrained", "imdb", "rotten_tomatoes"] and built.device.type == "cuda"
+    assert {p.device.type for t in built.tasks for p in (*t.encoder.parameters(), *t.head.parameters())} == {"cuda"}
+    reused = Z.build_zoo(cfg, os.path.dirname(tiny_zoo.directory), device="cuda")
+    assert reused.rebuilt == [] and reused.device.type == "cuda"
+    rc = T.RunConfig(tta_steps=4, track_every=2, track_examples=8, plateau_window=2, awd_steps=2, grid=(0.3, 1.0),
+                     rows=presets.DECODER_ROWS)
+    on_gpu = {r.label: r for r in T.run_all(reused, rc, cache=False)}
+    on_cpu = {r.label: r for r in T.run_all(tiny_zoo, rc, cache=False)}
+    assert list(on_gpu) == list(on_cpu) and all(r.status == "ok" for r in on_gpu.values())
+    for label, r in on_cpu.items():  # float32 on two devices: at most one of 16 test predictions may differ
+        for task, acc in r.test.items():
+            assert abs(on_gpu[label].test[task] - acc) <= 1 / 16 + 1e-9, (label, task)
