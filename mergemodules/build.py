@@ -3,10 +3,11 @@
 :func:`prepare` is the set-up that ``merge()`` and ``fuse_streaming()`` share (the method, the plan,
 the checks of every source, from shapes alone). Building works one tensor at a time: only that
 tensor's values of all tasks are in memory together, so fine-tuned sources may be lazy checkpoints
-(memory-mapped safetensors files), each tensor read when it is built.
+(safetensors files), each tensor read when it is built.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -23,7 +24,8 @@ from .targets import Entry, Patterns, is_selected, method_layout, plan
 
 __all__ = [
     "Preparation", "prepare", "fit_transform", "iter_merged_tensors", "check_sources",
-    "as_source", "persistent_buffers", "merge_buffers",
+    "as_source", "persistent_buffers", "merge_buffers", "propagates_non_finite", "check_inputs",
+    "Workspace",
 ]
 
 Source = Mapping[str, Tensor]
@@ -174,27 +176,95 @@ def merge_buffers(
     return merged
 
 
-def _task_values(entry: Entry, sources: Sequence[Source], like: Tensor, dtype: torch.dtype) -> Tensor:
-    """The tensor of every source stacked (T, *shape) in ``dtype``, read one source at a time (lazy sources)."""
-    values = torch.empty((len(sources), *like.shape), dtype=dtype, device=like.device)
+def _read_value(source: Source, entry: Entry, label: str, out: Tensor, check: bool) -> None:
+    """Copy the tensor of ``entry`` in ``source`` into ``out``, checked (``check``: also for NaN/Inf) before any cast.
+
+    A lazy checkpoint with ``read_into`` reads a tensor stored in ``out``'s dtype straight into it (not tied
+    names, whose values :func:`_lookup` compares).
+    """
+    where = f"{label}[{entry.name!r}]"
+    present = [name for name in entry.names if name in source]
+    read_into = getattr(source, "read_into", None)
+    if read_into is not None and len(present) == 1 and read_into(present[0], out):
+        check_finite(out, where, check)  # the stored values themselves
+        return
+    out.copy_(check_finite(_lookup(source, entry, label), where, check))
+
+
+class Workspace:
+    """One buffer that holds the stacked values of each tensor in turn, for a caller that drops each tensor's
+    module before building the next (a static export): fresh memory costs a page fault per page, every tensor."""
+
+    def __init__(self) -> None:
+        self.buffer: Tensor | None = None
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised ``shape`` tensor in the buffer: whatever an earlier one held there is overwritten."""
+        numel = math.prod(shape)
+        if self.buffer is None or self.buffer.dtype != dtype or self.buffer.device != device \
+                or self.buffer.numel() < numel:
+            self.buffer = None  # freed first: the old and the new buffer are never held together
+            self.buffer = torch.empty(numel, dtype=dtype, device=device)
+        return self.buffer[:numel].view(shape)
+
+    def holds(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` lies in the buffer (and would be overwritten by the next tensor's values)."""
+        buffer = self.buffer
+        return buffer is not None and tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+
+
+def _task_values(
+    entry: Entry, sources: Sequence[Source], like: Tensor, dtype: torch.dtype, check: bool,
+    workspace: Workspace | None = None,
+) -> Tensor:
+    """The tensor of every source stacked (T, *shape) in ``dtype``, read one source at a time (lazy sources),
+    in ``workspace`` when given, else in fresh memory.
+
+    ``check``: each must be finite (else the values are checked only for a non-finite output: :func:`check_inputs`).
+    """
+    shape = (len(sources), *like.shape)
+    if workspace is None:
+        values = torch.empty(shape, dtype=dtype, device=like.device)
+    else:
+        values = workspace.empty(shape, dtype, like.device)
     for i, source in enumerate(sources):
-        label = f"finetuned[{i}]"
-        values[i] = check_finite(_lookup(source, entry, label), f"{label}[{entry.name!r}]")
+        _read_value(source, entry, f"finetuned[{i}]", values[i], check)
     return values
 
 
+def propagates_non_finite(method: Method) -> bool:
+    """Whether every input a merged tensor is computed from shows in it as NaN/Inf when it holds one.
+
+    True for sums and means with non-zero coefficients (an identity transform, no SVD): a merge by
+    ``method`` may then check its inputs only when an output is not finite (:func:`check_inputs`).
+    """
+    return type(method.transform) is Transform and method.matrices != "svd" and method.scaling != 0
+
+
+def check_inputs(entry: Entry, pretrained: Tensor, sources: Sequence[Source]) -> None:
+    """Raise the error the checks while building give for the first input of ``entry`` holding NaN or Inf."""
+    check_finite(pretrained, f"pretrained[{entry.name!r}]")
+    if entry.merged:
+        for i, source in enumerate(sources):
+            label = f"finetuned[{i}]"
+            check_finite(_lookup(source, entry, label), f"{label}[{entry.name!r}]")
+
+
 def _base_and_task_vectors(
-    entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, vectors: bool = True
+    entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, vectors: bool = True,
+    check: bool = True, workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """B and the task vectors θ_t − B of one tensor in float32 (float64 for float64 models), B in its parameter layout.
 
     With ``vectors=False`` (a tensor without task term, e.g. under weight averaging) only B is computed.
+    ``check=False``: the inputs the result is computed from are not checked for NaN/Inf (:func:`check_inputs`).
+    The task vectors lie in ``workspace`` when given.
     """
-    check_finite(pretrained, f"pretrained[{entry.name!r}]")
+    check_finite(pretrained, f"pretrained[{entry.name!r}]", check or method.base != "pretrained")
     dtype = compute_dtype(pretrained.dtype)
     if not vectors and method.base == "pretrained":
         return pretrained.to(dtype), None  # the fine-tuned values are not used: not read
-    values = _task_values(entry, sources, pretrained, dtype)
+    values = _task_values(entry, sources, pretrained, dtype, check, workspace)
     base = pretrained.to(dtype) if method.base == "pretrained" else values.mean(dim=0)
     if not vectors:
         return base, None
@@ -235,15 +305,17 @@ def _mask_logits(method: Method, S: Tensor, shape: tuple[int, int], name: str) -
 
 
 def _build_one(
-    entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, transform: Transform, coefficients: _CoefFactory
+    entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, transform: Transform,
+    coefficients: _CoefFactory, check: bool = True, workspace: Workspace | None = None,
 ) -> BaseMerged:
     dtype = pretrained.dtype
     layout = method_layout(entry, method.matrix_set)
     with_term = entry.merged and (method.matrices != "none" if layout is not None else method.dense)
     if not entry.merged:
-        base, task_vectors = check_finite(pretrained.detach(), f"pretrained[{entry.name!r}]"), None
+        base, task_vectors = check_finite(pretrained.detach(), f"pretrained[{entry.name!r}]", check), None
     else:
-        base, task_vectors = _base_and_task_vectors(entry, pretrained.detach(), sources, method, with_term)
+        base, task_vectors = _base_and_task_vectors(entry, pretrained.detach(), sources, method, with_term, check,
+                                                    workspace)
     if layout is None:
         if not with_term:
             return MergedTensor(base.to(dtype))
@@ -286,17 +358,23 @@ def iter_merged_tensors(
     method: Method,
     progress: bool = False,
     transform: Transform | None = None,
+    check: bool = True,
+    workspace: Workspace | None = None,
 ) -> Iterator[tuple[Entry, BaseMerged]]:
     """Build the merged tensor module of each entry in turn, reading ``pretrained[entry.name]`` lazily.
 
     The method's transform is fitted first (one pass over all task vectors) unless an already fitted
     ``transform`` is given; then one entry at a time is built, so a caller that drops each module
-    keeps one tensor's values in memory.
+    keeps one tensor's values in memory. ``check=False`` leaves the check of the inputs for NaN/Inf to the
+    caller, which evaluates each module and calls :func:`check_inputs` when its value is not finite (only
+    for a method that :func:`propagates_non_finite`). With a ``workspace``, each module may hold tensors in it
+    that the next one overwrites: drop (or copy out of it) each module's values before taking the next.
     """
     if transform is None:
         transform = fit_transform(entries, pretrained, sources, method)
     coefficients = _CoefFactory(method)
     for entry in tqdm(entries, desc=f"merge ({method.name})", disable=not progress, unit="tensor"):
         with torch.no_grad():
-            module = _build_one(entry, pretrained[entry.name], sources, method, transform, coefficients)
+            module = _build_one(entry, pretrained[entry.name], sources, method, transform, coefficients, check,
+                                 workspace)
         yield entry, module

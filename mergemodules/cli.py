@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", parents=[common], help="static merge of a recipe into a fused safetensors file (or HF folder)",
                        description="Merge the recipe's checkpoints with a static method, layer by layer from "
-                                   "memory-mapped files, and write the fused weights under the base checkpoint's keys.")
+                                   "lazily read files, and write the fused weights under the base checkpoint's keys.")
     p.add_argument("recipe", help="YAML recipe (docs/recipes.md)")
     p.add_argument("-o", "--output",
                    help="output .safetensors file (HF models: a folder); default: the recipe's 'output'")

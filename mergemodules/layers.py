@@ -62,11 +62,14 @@ def weight_cache(values: Mapping[nn.Module, Tensor] | None = None) -> Iterator[N
         _cache = None
 
 
-def check_finite(tensor: Tensor, where: str) -> Tensor:
-    """``tensor`` itself if it holds values and all are finite; else a ValueError naming ``where``."""
+def check_finite(tensor: Tensor, where: str, values: bool = True) -> Tensor:
+    """``tensor`` itself if it holds values and all are finite; else a ValueError naming ``where``.
+
+    ``values=False`` checks only that it holds values (no meta tensor), reading none of them.
+    """
     if tensor.is_meta:
         raise ValueError(f"{where} is a meta tensor (a shape without values): load real weights first")
-    if not all_finite(tensor):
+    if values and not all_finite(tensor):
         raise ValueError(f"{where} contains NaN or Inf")
     return tensor
 

@@ -1,6 +1,7 @@
 """The safetensors format: a header reader that checks everything, and a writer that streams tensor by tensor.
 
-``read_safetensors_header`` gives every tensor's shape and dtype without reading any value;
+``read_safetensors_header`` gives every tensor's shape and dtype without reading any value
+(``read_safetensors_layout`` also its byte range, which ``read_stored_tensor`` reads);
 ``write_safetensors`` / ``write_safetensors_shards`` write the header first (from a declared layout)
 and then each tensor at its offset as it arrives, so a writer never holds more than one tensor.
 Every output is atomic (:func:`mergemodules.files.atomic_write`). Below everything but ``files``.
@@ -14,7 +15,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,7 +23,8 @@ from torch import Tensor
 from .files import atomic_write
 
 __all__ = [
-    "SAFETENSORS_DTYPES", "read_safetensors_header", "write_safetensors", "write_safetensors_shards", "plan_shards",
+    "SAFETENSORS_DTYPES", "StoredTensor", "read_safetensors_header", "read_safetensors_layout", "read_stored_tensor",
+    "write_safetensors", "write_safetensors_shards", "plan_shards",
     "parse_size", "DEFAULT_MAX_SHARD_SIZE", "INDEX_NAME",
 ]
 
@@ -42,6 +44,15 @@ MAX_HEADER_BYTES = 100_000_000  # the limit of the safetensors library itself
 # -------------------------------------------------------------------------------------- reading
 
 
+class StoredTensor(NamedTuple):
+    """Where a safetensors file stores one tensor: its shape, dtype and byte range in the file."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    start: int  # absolute byte positions in the file
+    stop: int
+
+
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name → (shape, dtype) of every tensor in a safetensors file, from its header alone, fully validated.
 
@@ -50,6 +61,12 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[in
     section exactly (so a truncated or padded file is refused). Any problem is a ValueError naming
     the file (and the tensor).
     """
+    return {key: (stored.shape, stored.dtype) for key, stored in read_safetensors_layout(path).items()}
+
+
+def read_safetensors_layout(path: str | os.PathLike) -> dict[str, StoredTensor]:
+    """Name → where the file stores each tensor (:class:`StoredTensor`), validated as by
+    :func:`read_safetensors_header`."""
     path = Path(path)
     try:
         size = os.path.getsize(path)
@@ -74,7 +91,32 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[in
         raise ValueError(f"{str(path)!r}: '__metadata__' must map names to strings")
     tensors = {key: _header_entry(path, key, info) for key, info in header.items()}
     _check_offsets(path, {key: offsets for key, (_, _, offsets) in tensors.items()}, size - 8 - length)
-    return {key: (shape, dtype) for key, (shape, dtype, _) in tensors.items()}
+    start = 8 + length
+    return {key: StoredTensor(shape, dtype, start + begin, start + end)
+            for key, (shape, dtype, (begin, end)) in tensors.items()}
+
+
+def read_stored_tensor(path: str | os.PathLike, stored: StoredTensor, out: Tensor | None = None) -> Tensor:
+    """The tensor ``stored`` in the file ``path``, read with plain reads (no memory map) into ``out`` (a contiguous
+    CPU tensor of its shape and dtype) or a fresh tensor.
+
+    A file now too short for ``stored`` (changed since its header was read) is a ValueError.
+    """
+    tensor = torch.empty(stored.shape, dtype=stored.dtype) if out is None else out
+    if tensor.shape != stored.shape or tensor.dtype != stored.dtype or not tensor.is_contiguous() or tensor.is_cuda:
+        raise ValueError(f"out: {tuple(tensor.shape)} {tensor.dtype} on {tensor.device} is not a contiguous CPU "
+                         f"tensor of the stored {stored.shape} {stored.dtype}")
+    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    with open(path, "rb", buffering=0) as f:
+        f.seek(stored.start)
+        done = 0
+        while done < len(buffer):  # one read() returns at most about 2 GiB on Linux
+            count = f.readinto(buffer[done:])
+            if not count:
+                raise ValueError(f"the file ends at byte {stored.start + done}, before the tensor's end at byte "
+                                 f"{stored.stop} (changed since its header was read?)")
+            done += count
+    return tensor
 
 
 def _header_entry(path: Path, key: str, info: Any) -> tuple[tuple[int, ...], torch.dtype, tuple[int, int]]:

@@ -2,7 +2,7 @@
 
 Architectures come from a timm or open_clip model name (built with pretrained weights off), a
 local Hugging Face folder, or a Python callable ``module:function`` / ``file.py:function``.
-Checkpoints are safetensors files (read lazily through a memory map, one tensor per lookup),
+Checkpoints are safetensors files (read lazily, one tensor per lookup),
 PyTorch files (``torch.load(weights_only=True)``, memory-mapped) or Hugging Face folders; each is a
 :class:`LazyCheckpoint`, whose shapes are known without reading a tensor. A new format is a class
 satisfying that protocol, returned by :func:`open_checkpoint`.
@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, runtime_checkable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from . import safetensors_files
 from .files import new_temp, remove_stale_temps
-from .safetensors_files import read_safetensors_header
+from .safetensors_files import StoredTensor, read_safetensors_layout, read_stored_tensor
 
 __all__ = [
     "MODEL_KINDS", "build_model", "load_callable", "LazyCheckpoint", "SafetensorsCheckpoint", "open_checkpoint",
@@ -174,9 +173,10 @@ class LazyCheckpoint(Protocol):
 class SafetensorsCheckpoint(Mapping[str, Tensor]):
     """One or more safetensors files as a lazy name → tensor mapping (one tensor read per lookup).
 
-    Files are memory-mapped; nothing is read until a tensor is looked up, and its pages stay
-    resident only while the returned tensor lives. Floating tensors are
-    cast to ``dtype`` when given; every tensor is moved to ``device``.
+    The headers are read when it is opened; nothing else until a tensor is looked up. A lookup reads
+    that tensor's bytes into a fresh tensor (plain reads, no memory map: no page faults on a mapping,
+    and its memory is freed with the tensor). Floating tensors are cast to ``dtype`` when given; every
+    tensor is moved to ``device``.
     """
 
     def __init__(
@@ -189,24 +189,33 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
         self.paths = [Path(p) for p in paths]
         self.dtype, self.device = dtype, device
         self._files: dict[str, Path] = {}
-        self._header: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._stored: dict[str, StoredTensor] = {}
         for path in self.paths:
-            for key, (shape, dtype_) in read_safetensors_header(path).items():
+            for key, stored in read_safetensors_layout(path).items():
                 if key in self._files:
                     raise ValueError(f"{str(path)!r}: tensor {key!r} also appears in {str(self._files[key])!r}")
                 self._files[key] = path
-                self._header[key] = (shape, dtype_)
+                self._stored[key] = stored
 
     def __getitem__(self, key: str) -> Tensor:
-        # A fresh mapping per lookup: the tensor is a view of the file's pages, which leave the
-        # process's resident memory when the tensor is freed (a long-lived handle would keep every
-        # page ever read resident, T model sizes of RSS by the end of a merge).
+        return _convert(self._read(key), self.dtype, self.device)
+
+    def _read(self, key: str, out: Tensor | None = None) -> Tensor:
+        """The stored tensor ``key`` as stored, read into ``out`` or a fresh tensor."""
         try:
-            with safe_open(str(self._files[key]), framework="pt", device="cpu") as f:
-                tensor = f.get_tensor(key)
-        except SafetensorError as err:  # e.g. the file changed since its header was checked
+            return read_stored_tensor(self._files[key], self._stored[key], out)
+        except ValueError as err:  # the file changed since its header was checked (an OSError stays one)
             raise ValueError(f"{str(self._files[key])!r}: cannot read tensor {key!r}: {err}") from None
-        return _convert(tensor, self.dtype, self.device)
+
+    def read_into(self, key: str, out: Tensor) -> bool:
+        """Read ``self[key]`` straight into ``out`` when that needs no cast or move (stored in ``out``'s dtype,
+        ``out`` a contiguous CPU tensor); returns whether it did (False: nothing read, use ``self[key]``)."""
+        stored = self._stored[key]
+        if (stored.dtype != out.dtype or _target_dtype(stored.dtype, self.dtype) != stored.dtype
+                or not _stays_on_cpu(self.device) or out.device.type != "cpu" or not out.is_contiguous()):
+            return False
+        self._read(key, out)
+        return True
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
@@ -220,10 +229,15 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
     def meta(self) -> dict[str, Tensor]:
         """The same mapping with meta tensors of the stored shapes and (converted) dtypes, read from the headers."""
         return {
-            key: torch.empty(shape, dtype=_target_dtype(dtype, self.dtype), device="meta")
-            for key, (shape, dtype) in self._header.items()
+            key: torch.empty(stored.shape, dtype=_target_dtype(stored.dtype, self.dtype), device="meta")
+            for key, stored in self._stored.items()
         }
 
+
+
+def _stays_on_cpu(device: str | torch.device | None) -> bool:
+    """Whether moving a CPU tensor to ``device`` (None: kept) leaves it where it is."""
+    return device is None or torch.device(device).type == "cpu"
 
 
 def _target_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
@@ -242,6 +256,14 @@ class _Converted(Mapping[str, Tensor]):
 
     def __getitem__(self, key: str) -> Tensor:
         return _convert(self.state[key], self.dtype, self.device)
+
+    def read_into(self, key: str, out: Tensor) -> bool:
+        """As ``out.copy_(self[key])`` straight from a lazy state that can (``read_into``) when no cast to another
+        dtype than ``out``'s, nor a move, comes between; returns whether it read (False: nothing read)."""
+        read_into = getattr(self.state, "read_into", None)
+        if read_into is None or self.dtype not in (None, out.dtype) or not _stays_on_cpu(self.device):
+            return False
+        return read_into(key, out)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.state)

@@ -22,8 +22,10 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .build import check_sources, iter_merged_tensors, merge_buffers, prepare
-from .layers import check_finite
+from .build import (
+    Workspace, check_inputs, check_sources, iter_merged_tensors, merge_buffers, prepare, propagates_non_finite,
+)
+from .layers import all_finite, check_finite
 from .methods import Method
 from .safetensors_files import parse_size, write_safetensors, write_safetensors_shards
 from .sources import _Converted, check_floating_dtype, compute_dtype_of, output_dtypes, shapes_of
@@ -115,10 +117,17 @@ def _fused(
     entries: Sequence[Entry], values: _EntryValues, buffers: Mapping[str, Tensor],
     sources: Sequence[Mapping[str, Tensor]], method: Method, out: Mapping[str, torch.dtype], progress: bool,
 ) -> Iterator[tuple[tuple[str, ...], Tensor]]:
-    for entry, module in iter_merged_tensors(entries, values, sources, method, progress):
+    check = not propagates_non_finite(method)  # else an input's NaN/Inf shows in the output: checked only then
+    workspace = Workspace()  # each module is dropped before the next is built
+    for entry, module in iter_merged_tensors(entries, values, sources, method, progress, check=check,
+                                             workspace=workspace):
         with torch.no_grad():
             fused = module().detach().to(out[values.names[entry.name]]).contiguous()  # the one rounding
         del module
+        if workspace.holds(fused):  # the next tensor's values overwrite it
+            fused = fused.clone()
+        if not check and not all_finite(fused):
+            check_inputs(entry, values[entry.name], sources)  # the error names the input, as the eager checks
         yield entry.names, check_finite(fused, f"the fused tensor {entry.name!r}")
     for key, value in buffers.items():  # already in their output dtype (fuse_streaming)
         yield (key,), value

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import mergemodules as mm
-from mergemodules.build import prepare
+from mergemodules.build import Workspace, prepare
 from mergemodules.sources import SafetensorsCheckpoint
 from mergemodules.streaming import merge_to_state_dict
 
@@ -26,6 +26,12 @@ class CountingCheckpoint(SafetensorsCheckpoint):
     def __getitem__(self, key: str) -> Tensor:
         self.reads.append(key)
         return super().__getitem__(key)
+
+    def read_into(self, key: str, out: Tensor) -> bool:
+        done = super().read_into(key, out)
+        if done:
+            self.reads.append(key)
+        return done
 
 
 def net() -> nn.Module:
@@ -77,3 +83,88 @@ def test_merge_and_streaming_share_the_checks(tmp_path: Path) -> None:
         with pytest.raises(mm.UnknownMethodError, match="unknown method 'nope'"):
             run(base, lazy, "nope")
     assert lazy[0].reads == [] and wrong.reads == []
+
+
+# ------------------------------------------- the streaming reads: straight into one reused stack, checks deferred
+
+
+def lazy_zoo(tmp_path: Path, dtype: torch.dtype, tasks: int = 3) -> tuple[nn.Module, SafetensorsCheckpoint,
+                                                                           list[SafetensorsCheckpoint]]:
+    """A base model and ``tasks`` perturbed copies saved in ``dtype``: (model, base checkpoint, task checkpoints)."""
+    base = net()
+    states = [base.state_dict()] + [perturbed(base, seed=i + 1, scale=0.1).state_dict() for i in range(tasks)]
+    paths = [tmp_path / f"m{i}.safetensors" for i in range(len(states))]
+    for state, path in zip(states, paths):
+        save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, path)
+    return base, SafetensorsCheckpoint(paths[0]), [SafetensorsCheckpoint(p) for p in paths[1:]]
+
+
+def stacked(tasks: list[SafetensorsCheckpoint], key: str) -> Tensor:
+    """The reference: every task's tensor in float32, stacked (T, *shape)."""
+    return torch.stack([task[key].float() for task in tasks])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_average_and_task_sum_are_bit_identical_to_a_stacked_reference(tmp_path: Path,
+                                                                                 dtype: torch.dtype) -> None:
+    base, weights, tasks = lazy_zoo(tmp_path, dtype)
+    average = merge_to_state_dict(base, tasks, "weight_averaging", weights=weights)
+    arithmetic = merge_to_state_dict(base, tasks, "task_arithmetic", weights=weights, scaling=0.3)
+    coef = torch.full((len(tasks),), 0.3)
+    for entry in prepare(base, tasks).entries:
+        values, pretrained = stacked(tasks, entry.name), weights[entry.name].float()
+        assert torch.equal(average[entry.name], values.mean(dim=0).to(dtype)), entry.name
+        expected = pretrained + torch.tensordot(coef, values - pretrained, dims=1)
+        assert torch.equal(arithmetic[entry.name], expected.to(dtype)), entry.name
+
+
+@pytest.mark.parametrize("method", ["weight_averaging", "task_arithmetic", "ties"])
+def test_streamed_merge_is_bit_identical_to_merge_of_state_dicts(tmp_path: Path, method: str) -> None:
+    """Read straight into a reused stack, checked only when an output is not finite: the values of ``merge``."""
+    base, weights, tasks = lazy_zoo(tmp_path, torch.bfloat16)
+    plain = [dict(task.items()) for task in tasks]
+    model = base.to(torch.bfloat16)
+    model.load_state_dict(dict(weights.items()))
+    expected = mm.merge(model.float(), [{k: v.float() for k, v in s.items()} for s in plain], method).fuse()
+    streamed = merge_to_state_dict(base, tasks, method, weights=weights)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(streamed[key], value.to(streamed[key].dtype)), key
+
+
+@pytest.mark.parametrize("method", ["weight_averaging", "task_arithmetic", "ties"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_input_is_named_when_checks_are_deferred(tmp_path: Path, method: str, bad: float) -> None:
+    base, weights, tasks = lazy_zoo(tmp_path, torch.float32)
+    state = dict(tasks[1].items())
+    state["2.weight"] = state["2.weight"].clone()
+    state["2.weight"][1, 3] = bad
+    save_file(state, tmp_path / "bad.safetensors")
+    tasks[1] = SafetensorsCheckpoint(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"finetuned\[1\]\['2\.weight'\] contains NaN or Inf"):
+        merge_to_state_dict(base, tasks, method, weights=weights)
+
+
+def test_a_non_finite_pretrained_tensor_is_named_also_where_the_merge_does_not_use_it(tmp_path: Path) -> None:
+    base, _, tasks = lazy_zoo(tmp_path, torch.float32)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    state["0.bias"][0] = float("nan")
+    save_file(state, tmp_path / "bad.safetensors")
+    weights = SafetensorsCheckpoint(tmp_path / "bad.safetensors")
+    for method in ("weight_averaging", "task_arithmetic"):  # the average of the tasks does not read it
+        with pytest.raises(ValueError, match=r"pretrained\['0\.bias'\] contains NaN or Inf"):
+            merge_to_state_dict(base, tasks, method, weights=weights)
+
+
+def test_an_overflowing_output_of_finite_inputs_names_the_output(tmp_path: Path) -> None:
+    base, weights, tasks = lazy_zoo(tmp_path, torch.float32)
+    with pytest.raises(ValueError, match=r"the fused tensor '0\.weight' contains NaN or Inf"):
+        merge_to_state_dict(base, tasks, "task_arithmetic", weights=weights, scaling=1e6, out_dtype=torch.float16)
+
+
+def test_workspace_reuses_one_buffer_and_grows_it() -> None:
+    workspace = Workspace()
+    small = workspace.empty((2, 3), torch.float32, torch.device("cpu"))
+    again = workspace.empty((3, 2), torch.float32, torch.device("cpu"))
+    assert workspace.holds(small) and again.data_ptr() == small.data_ptr()
+    larger = workspace.empty((4, 5), torch.float32, torch.device("cpu"))
+    assert larger.shape == (4, 5) and workspace.holds(larger) and not workspace.holds(torch.zeros(3))
