@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "new_temp", "remove_stale_temps", "check_writable", "STALE_AFTER_S"]
+__all__ = ["atomic_write", "new_temp", "temp_name", "remove_stale_temps", "check_writable", "STALE_AFTER_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +28,17 @@ def new_temp(path: Path, folder: bool = False) -> Path:
 
     The mode follows the umask (0644 under umask 022), as ``open(path, "w")`` or ``torch.save`` would.
     """
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = temp_name(path)
     if folder:
         os.mkdir(tmp, 0o777)
     else:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     return tmp
+
+
+def temp_name(path: Path) -> Path:
+    """A new hidden temporary name beside ``path`` (nothing is created), as :func:`remove_stale_temps` recognises."""
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
 def _running(pid: int) -> bool:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import safetensors_files
-from .files import new_temp, remove_stale_temps
+from .files import new_temp, remove_stale_temps, temp_name
 from .safetensors_files import StoredTensor, read_safetensors_layout, read_stored_tensor
 
 __all__ = [
@@ -426,15 +426,29 @@ def write_hf_folder(out: Path, model_folder: Path, write: Callable[[Path], None]
         for item in tmp.iterdir():
             if item.is_file() and not item.is_symlink():
                 item.chmod(file_mode)
-        if force and out.is_dir() and not out.is_symlink():
-            shutil.rmtree(out)
-        elif force and out.exists():
-            out.unlink()
-        os.replace(tmp, out)
+        _replace(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _replace(new: Path, out: Path, force: bool) -> None:
+    """Rename ``new`` to ``out``; an existing ``out`` (``force``) is first renamed to a temporary beside it, removed
+    once ``new`` is in place (put back if that fails): the old output is never gone before the new one is there."""
+    old = temp_name(out) if force and (out.exists() or out.is_symlink()) else None
+    if old is not None:
+        os.rename(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None and old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    elif old is not None:
+        old.unlink()
 
 
 def declare_dtype(folder: Path) -> torch.dtype | None:

@@ -327,3 +327,51 @@ def test_new_temp_is_hidden_beside_the_output(tmp_path: Path) -> None:
     assert tmp.parent == tmp_path and tmp.name.startswith(f".x.safetensors.{os.getpid()}.") and tmp.is_file()
     assert remove_stale_temps(tmp_path / "x.safetensors", min_age_s=0) == []  # our own pid: kept
     assert atomic_write(tmp_path / "x.safetensors", lambda t: Path(t).write_bytes(b"1")).read_bytes() == b"1"
+
+
+# ------------------------------------------------------------------- --force on a Hugging Face folder output
+
+
+def hf_output(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    """A model folder, an existing output folder made from it, and that output's files (name → bytes)."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    out = write_hf_folder(tmp_path / "out", tmp_path / "hf",
+                          lambda folder: save_fused(torch.nn.Linear(2, 2), folder / "model.safetensors"))
+    return tmp_path / "hf", out, {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_a_failed_forced_write_leaves_the_old_output_folder_intact(tmp_path: Path) -> None:
+    model, out, before = hf_output(tmp_path)
+
+    def fail(folder: Path) -> None:
+        save_fused(torch.nn.Linear(3, 3), folder / "model.safetensors")
+        raise ValueError("the merge failed")
+
+    with pytest.raises(ValueError, match="the merge failed"):
+        write_hf_folder(out, model, fail, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no temporary left
+
+
+def test_a_forced_write_puts_the_old_output_back_when_the_new_cannot_be_renamed(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    model, out, before = hf_output(tmp_path)
+
+    def refuse(src: Any, dst: Any) -> None:
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(mm.sources.os, "replace", refuse)
+    with pytest.raises(PermissionError):
+        write_hf_folder(out, model, lambda folder: save_fused(torch.nn.Linear(3, 3), folder / "model.safetensors"),
+                        force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]
+
+
+def test_a_forced_write_replaces_the_old_output_and_leaves_no_temporary(tmp_path: Path) -> None:
+    model, out, before = hf_output(tmp_path)
+    write_hf_folder(out, model, lambda folder: save_fused(torch.nn.Linear(3, 3), folder / "model.safetensors"),
+                    force=True)
+    assert open_checkpoint(out)["weight"].shape == (3, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]
