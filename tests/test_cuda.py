@@ -59,13 +59,16 @@ def test_merge_adapt_fuse_export_on_cuda(family: str, tmp_path) -> None:
     cpu, cpu_history = _adapt(pretrained.cpu(), [t.cpu() for t in tuned], inputs, "cpu")
     for a, b in zip(gpu_history, cpu_history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-    # λ to float tolerance; mask logits by the masks they give: Adam's first step divides by √v + eps, so
-    # a logit whose gradient is below eps moves by an amount that magnifies rounding differences a millionfold
+    # λ within 1 % of the most Adam can move it (steps × lr = 0.03): Adam divides each gradient by its own running
+    # scale, so a λ whose gradient changes sign between steps carries the relative rounding difference of two
+    # float32 reductions (GPU vs CPU order) into its step (seen on an H200: 1.4e-4 on one λ of a ViT block).
+    # Mask logits by the masks they give: Adam's first step divides by √v + eps, so a logit whose gradient is
+    # below eps moves by an amount that magnifies rounding differences a millionfold
     for (name, p_gpu), (_, p_cpu) in zip(gpu.named_parameters(), cpu.named_parameters()):
         if "mask_logits" in name:
             assert torch.equal(p_gpu.detach().cpu() >= 0, p_cpu.detach() >= 0), name
         else:
-            torch.testing.assert_close(p_gpu.detach().cpu(), p_cpu.detach(), rtol=1e-4, atol=1e-5, msg=name)
+            torch.testing.assert_close(p_gpu.detach().cpu(), p_cpu.detach(), rtol=0, atol=3e-4, msg=name)
 
     fused = gpu.eval().fuse()
     assert _devices(fused) == {"cuda"}
