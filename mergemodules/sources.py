@@ -13,10 +13,12 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, runtime_checkable
@@ -208,13 +210,17 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
             raise ValueError(f"{str(self._files[key])!r}: cannot read tensor {key!r}: {err}") from None
 
     def read_into(self, key: str, out: Tensor) -> bool:
-        """Read ``self[key]`` straight into ``out`` when that needs no cast or move (stored in ``out``'s dtype,
-        ``out`` a contiguous CPU tensor); returns whether it did (False: nothing read, use ``self[key]``)."""
+        """``out.copy_(self[key])`` without a fresh tensor: read straight into ``out`` (a contiguous CPU tensor) when
+        stored in its dtype, else into this thread's reused scratch buffer and cast from there, when one cast does
+        it; returns whether it read (False: nothing read, use ``self[key]``)."""
         stored = self._stored[key]
-        if (stored.dtype != out.dtype or _target_dtype(stored.dtype, self.dtype) != stored.dtype
-                or not _stays_on_cpu(self.device) or out.device.type != "cpu" or not out.is_contiguous()):
+        if (_target_dtype(stored.dtype, self.dtype) not in (stored.dtype, out.dtype) or not _stays_on_cpu(self.device)
+                or out.device.type != "cpu" or not out.is_contiguous()):
             return False
-        self._read(key, out)
+        if stored.dtype == out.dtype:
+            self._read(key, out)
+        else:
+            out.copy_(self._read(key, _scratch(stored.shape, stored.dtype)))
         return True
 
     def __iter__(self) -> Iterator[str]:
@@ -233,6 +239,19 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
             for key, stored in self._stored.items()
         }
 
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised ``shape`` tensor in this thread's reused buffer (fresh memory costs a page fault per page)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < nbytes:
+        _SCRATCH.buffer = None  # the old buffer freed before the new one is allocated
+        _SCRATCH.buffer = buffer = torch.empty(nbytes, dtype=torch.uint8)
+    return buffer[:nbytes].view(dtype).view(shape)
 
 
 def _stays_on_cpu(device: str | torch.device | None) -> bool:

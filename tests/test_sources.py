@@ -67,6 +67,27 @@ def test_safetensors_checkpoint_is_lazy_and_exact(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.float64, torch.bfloat16])
+def test_read_into_equals_a_lookup_copied_in(tmp_path: Path, dtype: torch.dtype | None) -> None:
+    """``read_into`` gives ``out.copy_(ckpt[key])`` bit for bit, straight or through one cast; else it reads nothing."""
+    save_file(STATE, tmp_path / "x.safetensors")
+    ckpt = SafetensorsCheckpoint(tmp_path / "x.safetensors", dtype=dtype)
+    for key in STATE:
+        for out_dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int64):
+            value = ckpt[key]
+            out = torch.full(value.shape, 7, dtype=out_dtype)
+            if ckpt.read_into(key, out):
+                assert value.dtype in (STATE[key].dtype, out_dtype)  # one cast at most: the lookup's or the copy's
+                assert torch.equal(out, torch.empty_like(out).copy_(value)), (key, out_dtype)
+            else:
+                assert value.dtype not in (STATE[key].dtype, out_dtype) and bool((out == 7).all())
+    out = torch.empty(2, 2, dtype=torch.float32)  # a cast reads into the thread's scratch buffer, reused
+    ckpt.read_into("b", out)
+    first = mergemodules.sources._SCRATCH.buffer.data_ptr()
+    ckpt.read_into("b", out)
+    assert mergemodules.sources._SCRATCH.buffer.data_ptr() == first
+
+
 def test_every_checkpoint_format_is_a_lazy_checkpoint(tmp_path: Path) -> None:
     save_file(STATE, tmp_path / "x.safetensors")
     torch.save(STATE, tmp_path / "x.pt")
