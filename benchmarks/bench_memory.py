@@ -5,9 +5,11 @@ Each (method, depth) runs in a fresh subprocess; ``plain`` is the unmerged model
 ``/proc/self/clear_refs``) before each stage, so every stage reports its own peak; "extra" is that
 peak minus the RSS before the stage (the fine-tuned state dicts, built before the build stage and
 freed after it, are in the build stage's starting RSS). Every quantity is linear in the number of
-blocks, so two depths give the full tower: q(L) = q(0) + L·(q(d) − q(0))/d.
+blocks, so two depths give the full tower: q(L) = q(a) + (L − a)·(q(b) − q(a))/(b − a). The depths are 1 and 2:
+with no block, a static merge (CART) has no merge coefficient on the forward's path (the merged matrices
+are the blocks' Linear weights), so there would be no TTA step to measure.
 
-    nice python benchmarks/bench_memory.py                 # T = 8, depths 0 and 1, extrapolated to 12
+    nice python benchmarks/bench_memory.py                 # T = 8, depths 1 and 2, extrapolated to 12
 """
 from __future__ import annotations
 
@@ -51,8 +53,8 @@ def child(method: str, arch: str, layers: int, tasks: int, per_task: int) -> dic
     zoo = finetuned_zoo(pretrained, tasks)
     dense_vectors = sum(v.numel() * 4 for k, v in pretrained.named_parameters() if v.dim() == 2) * tasks
     result = {"dense_task_vectors": dense_vectors}
-    start = rss_bytes()
     reset_peak_rss()
+    start = rss_bytes()
     merged = pretrained.train() if method == "plain" else merge(pretrained, zoo, method).train()
     result["build_peak"], result["build_extra"] = peak_rss_bytes(), peak_rss_bytes() - start
     del zoo
@@ -61,15 +63,15 @@ def child(method: str, arch: str, layers: int, tasks: int, per_task: int) -> dic
     setup_threads(2)
     task_heads = heads(tasks, pretrained.output_dim)
     x = torch.cat(images(tasks, per_task, pretrained.image_size[0]))
-    start = rss_bytes()
     reset_peak_rss()
+    start = rss_bytes()
     entropy_loss(merged(x), task_heads, per_task).backward()
     result["step_peak"], result["step_extra"] = peak_rss_bytes(), peak_rss_bytes() - start
     del x
     merged.zero_grad(set_to_none=True)
     gc.collect()
-    start = rss_bytes()
     reset_peak_rss()
+    start = rss_bytes()
     fused = merged.fuse() if method != "plain" else None
     result["fuse_peak"], result["fuse_extra"] = peak_rss_bytes(), peak_rss_bytes() - start
     del fused
@@ -85,7 +87,7 @@ def main() -> None:
     """Run every (method, depth) in a subprocess and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="ViT-B-32", choices=list(ARCHS))
-    parser.add_argument("--depths", default="0,1", help="two block counts to measure")
+    parser.add_argument("--depths", default="1,2", help="two block counts to measure")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--per-task", type=int, default=16)
     parser.add_argument("--methods", default=",".join(METHODS))

@@ -15,8 +15,6 @@ modes is in ``bench_tta_step.py`` (interleaved).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -47,10 +45,8 @@ def child(arch: str, layers: int, tasks: int, per_task: int, mode: str, rank: fl
                       per_task_backward=MODES[mode], autocast=None)
     run.seed_rng()
     run.step(1)  # also the one-off check of the joined forward (no gradient) and Adam's state
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what the build and the first step freed goes back to the system
+    reset_peak_rss()  # what the build and the first step freed goes back to the system first
     start = rss_bytes()
-    reset_peak_rss()
     run.step(2)
     return {"extra": peak_rss_bytes() - start}
 

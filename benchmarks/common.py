@@ -7,6 +7,7 @@ s_i ∝ (i+1)^(−power). Nothing is downloaded.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import statistics
@@ -152,8 +153,11 @@ def peak_rss_bytes() -> int:
 
 
 def reset_peak_rss() -> None:
-    """Reset the peak RSS to the current RSS (Linux: write 5 to ``/proc/self/clear_refs``)."""
+    """Reset the peak RSS to the current RSS (Linux: write 5 to ``/proc/self/clear_refs``), after handing what
+    was freed back to the system (glibc ``malloc_trim``): else a stage reuses an earlier stage's freed heap and
+    its "+stage" peak depends on what ran before it."""
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
