@@ -14,6 +14,7 @@ import math
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
 
@@ -116,6 +117,9 @@ def read_stored_tensor(path: str | os.PathLike, stored: StoredTensor, out: Tenso
                 raise ValueError(f"the file ends at byte {stored.start + done}, before the tensor's end at byte "
                                  f"{stored.stop} (changed since its header was read?)")
             done += count
+    if sys.byteorder == "big" and tensor.element_size() > 1:  # the format stores little-endian values
+        raw = tensor.reshape(-1).view(torch.uint8).view(-1, tensor.element_size())
+        raw.copy_(raw.flip(1))
     return tensor
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import mergemodules as mm
 from mergemodules.export import save_fused
 from mergemodules.files import atomic_write, new_temp, remove_stale_temps
 from mergemodules.recipe import CheckpointError, RecipeError, load_recipe, parse_recipe
-from mergemodules.safetensors_files import read_safetensors_header
+from mergemodules.safetensors_files import read_safetensors_header, read_safetensors_layout, read_stored_tensor
 from mergemodules.sources import SafetensorsCheckpoint, open_checkpoint, write_hf_folder
 from recipe_setup import callable_recipe, line_of, timm_recipe, write_recipe, write_timm_checkpoints
 
@@ -97,6 +98,19 @@ def test_valid_files_still_read(tmp_path: Path) -> None:
     assert header == {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
     ckpt = open_checkpoint(tmp_path / "ok.safetensors")
     assert all(torch.equal(ckpt[k], v) for k, v in state.items())
+
+
+@pytest.mark.skipif(sys.byteorder != "little", reason="pretends to be big-endian on a little-endian machine")
+def test_values_are_read_as_little_endian_on_any_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The format is little-endian: on a big-endian machine each value's bytes are swapped after the read."""
+    value = torch.tensor([1.5, -2.0, 3.25], dtype=torch.float32)
+    save_file({"w": value, "b": torch.tensor([True, False])}, tmp_path / "x.safetensors")
+    stored = read_safetensors_layout(tmp_path / "x.safetensors")
+    assert torch.equal(read_stored_tensor(tmp_path / "x.safetensors", stored["w"]), value)
+    monkeypatch.setattr(sys, "byteorder", "big")
+    swapped = read_stored_tensor(tmp_path / "x.safetensors", stored["w"])
+    assert swapped.view(torch.uint8).view(3, 4).tolist() == value.view(torch.uint8).view(3, 4).flip(1).tolist()
+    assert read_stored_tensor(tmp_path / "x.safetensors", stored["b"]).tolist() == [True, False]  # one byte: as is
 
 
 def test_a_file_truncated_after_its_header_was_read(tmp_path: Path) -> None:
