@@ -455,18 +455,19 @@ def write_hf_folder(out: Path, model_folder: Path, write: Callable[[Path], None]
 def _replace(new: Path, out: Path, force: bool) -> None:
     """Rename ``new`` to ``out``; an existing ``out`` (``force``) is first renamed to a temporary beside it, removed
     once ``new`` is in place (put back if that fails): the old output is never gone before the new one is there."""
-    old = temp_name(out) if force and (out.exists() or out.is_symlink()) else None
-    if old is not None:
-        os.rename(out, old)
+    if not (force and (out.exists() or out.is_symlink())):
+        os.replace(new, out)
+        return
+    old = temp_name(out)
+    os.rename(out, old)
     try:
         os.replace(new, out)
     except BaseException:
-        if old is not None:
-            os.rename(old, out)
+        os.rename(old, out)
         raise
-    if old is not None and old.is_dir() and not old.is_symlink():
+    if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old)
-    elif old is not None:
+    else:
         old.unlink()
 
 

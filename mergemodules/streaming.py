@@ -126,9 +126,11 @@ def _fused(
         del module
         if workspace.holds(fused):  # the next tensor's values overwrite it
             fused = fused.clone()
-        if not check and not all_finite(fused):
-            check_inputs(entry, values[entry.name], sources)  # the error names the input, as the eager checks
-        yield entry.names, check_finite(fused, f"the fused tensor {entry.name!r}")
+        if not all_finite(fused):  # one pass over the output; the inputs are read again only on this error path
+            if not check:
+                check_inputs(entry, values[entry.name], sources)  # the error names the input, as the eager checks
+            check_finite(fused, f"the fused tensor {entry.name!r}")  # raises, naming the output
+        yield entry.names, fused
     for key, value in buffers.items():  # already in their output dtype (fuse_streaming)
         yield (key,), value
 
