@@ -76,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MERGEMODULES_BENCH_QUIET"] = "1"
     import torch
 
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device: {args.device!r} is not a torch device ({e})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device: {args.device!r}, but torch sees no CUDA GPU here")
     if args.threads:
         torch.set_num_threads(args.threads)
     elif hasattr(os, "getloadavg") and os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1):

@@ -89,7 +89,9 @@ def test_cli_rejects_bad_seeds_and_unknown_suites(capsys):
 
     for argv, message in ((["--seeds", "0,x"], "--seeds: comma-separated integers"),
                           (["--seeds", "1,1"], "--seeds: distinct seeds"),
-                          (["--suite", "nope"], "--suite: unknown suite 'nope'")):
+                          (["--suite", "nope"], "--suite: unknown suite 'nope'"),
+                          (["--device", "gpu0"], "--device: 'gpu0' is not a torch device"),
+                          *([(["--device", "cuda"], "torch sees no CUDA GPU here")] if not torch.cuda.is_available() else [])):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
