@@ -5,7 +5,7 @@ Three solvers (the ``svd`` option of every SVD-based method):
 * ``"exact"`` (default): the exact top-k singular triplets, as ``torch.linalg.svd`` gives them, to
   float64 accuracy whatever the checkpoint dtype. Computed per task (tasks side by side on the torch
   threads) through the top-k eigenpairs of the smaller Gram matrix in float64 (``AᵀA = V·diag(σ²)·Vᵀ``
-  by LAPACK's ``syevr``, which computes only the k wanted eigenvectors, then ``U = A·V·diag(σ)⁻¹``;
+  by LAPACK's ``syevr``, which computes only the k wanted eigenvectors (:mod:`.lapack`), then ``U = A·V·diag(σ)⁻¹``;
   ``torch.linalg.eigh`` on a GPU): its error for the kept subspace is
   ε₆₄·σ₁²/(σ_k² − σ_{k+1}²), far below float32 rounding. Where the smallest kept singular value is under 1e-4·σ₁ the left vectors
   A·v/σ would lose accuracy (≈ ε₆₄·(σ₁/σ_k)²), and that matrix goes to LAPACK's SVD in float64.
@@ -26,10 +26,11 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, NamedTuple
 
-import scipy.linalg
 import torch
 from threadpoolctl import ThreadpoolController
 from torch import Tensor
+
+from .lapack import top_eigenpairs
 
 __all__ = ["Factors", "SVD_SOLVERS", "check_svd", "compute_dtype", "resolve_rank", "truncated_svd"]
 
@@ -103,15 +104,14 @@ def _fix_signs(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
 def _top_eigenpairs(G: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest eigenvalues (descending) and eigenvectors of the symmetric float64 matrix G.
 
-    On the CPU LAPACK's ``syevr`` computes only those k (scipy): the tridiagonal reduction, then k
-    eigenvectors by MRRR and k back-transformations instead of n; elsewhere ``torch.linalg.eigh``.
+    On the CPU LAPACK's ``syevr`` computes only those k (:mod:`mergemodules.lapack`, without the GIL, so
+    tasks on threads run side by side): the tridiagonal reduction, then k eigenvectors by MRRR and k
+    back-transformations instead of n; elsewhere ``torch.linalg.eigh``.
     """
-    n = G.shape[-1]
     if G.device.type != "cpu":
         eigenvalues, eigenvectors = torch.linalg.eigh(G)  # ascending
         return eigenvalues.flip(-1)[:k], eigenvectors.flip(-1)[:, :k]
-    eigenvalues, eigenvectors = scipy.linalg.eigh(G.numpy(), subset_by_index=(n - k, n - 1), driver="evr",
-                                                  overwrite_a=True)
+    eigenvalues, eigenvectors = top_eigenpairs(G.numpy(), k)
     return torch.from_numpy(eigenvalues[::-1].copy()), torch.from_numpy(eigenvectors[:, ::-1].copy())
 
 
