@@ -56,7 +56,8 @@ DECODER_ROWS = ("Pretrained", "Individual", "Weight Averaging", "Task Arithmetic
                 "AdaMerging (task-wise)", "AdaMerging (layer-wise)", "CART+AdaRank")
 FULL_ONLY_SUITES = ("decoder",)  # --full --suite all runs these after SUITES
 # The decoder's adaptation budget: on an H200 both AdaMerging rows had no plateau in 300 steps (RESULTS.md), and
-# the suite is a GPU's job (7 min there), so its default stops at the plateau within 1000 steps, as --full does.
+# the suite is a GPU's job (9 min there with this budget; both reach their plateau at step 475), so its default
+# stops at the plateau within 1000 steps, as --full does.
 DECODER_TTA_STEPS = 1000
 
 
