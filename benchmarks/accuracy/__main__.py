@@ -6,6 +6,7 @@
     python -m benchmarks.accuracy --cache DIR     # zoo cache (default $MERGEMODULES_BENCH_CACHE or ~/.cache/mergemodules/bench)
     python -m benchmarks.accuracy --results benchmarks/RESULTS.md --plots benchmarks/plots
     python -m benchmarks.accuracy --seeds 0,1,2   # one zoo per seed, the spread of every method's mean
+    python -m benchmarks.accuracy --seeds-from a.json b.json c.json   # the same table from seeds run apart
     python -m benchmarks.accuracy --tasks-from my_tasks.py --suite my_suite   # your own tasks/backbone
 
 Nothing is downloaded: the data and the pretrained text model come from installed packages
@@ -21,7 +22,7 @@ import sys
 import time
 
 from . import plugins, presets
-from .report import run_seeds, run_suite
+from .report import run_seeds, run_suite, seeds_from_json
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a Python file that registers your own tasks, backbones and suites (see the README); repeatable")
     p.add_argument("--seeds", type=_seeds, default=None,
                    help=f"comma-separated seeds, one zoo each (default: 0; --full: {','.join(map(str, presets.FULL_SEEDS))})")
+    p.add_argument("--seeds-from", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: the seeds table of runs made apart (one seed each, e.g. one per GPU session), "
+                        "from their results-*.json files; with --results/--plots, its section and plot")
     p.add_argument("--cache", default=None, help="zoo cache directory")
     p.add_argument("--rebuild", action="store_true", help="ignore the cache and rebuild the zoo")
     p.add_argument("--results", default=None, help="Markdown file to write this benchmark's sections into "
@@ -74,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.quiet:
         os.environ["MERGEMODULES_BENCH_QUIET"] = "1"
+    if args.seeds_from:
+        try:
+            out = seeds_from_json(args.seeds_from, plots_dir=args.plots, results_md=args.results)
+        except ValueError as e:
+            p.error(f"--seeds-from: {e}")
+        print(out["table"])
+        return 0
     import torch
 
     try:

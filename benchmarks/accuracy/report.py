@@ -371,23 +371,60 @@ def run_seeds(cfg: SuiteConfig, rc: T.RunConfig, seeds: Sequence[int], *, plots_
     """One zoo per seed (data splits, fine-tuning and adaptation seeded alike); the spread of every row's mean."""
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"seeds: need distinct seeds, got {list(seeds)}")
-    outs, per_seed = {}, {}
+    outs = {}
     for s in seeds:  # the first seed's full section goes to RESULTS.md; every seed's JSON and plots are kept
         outs[s] = run_suite(dataclasses.replace(cfg, seed=s), dataclasses.replace(rc, seed=s), plots_dir=plots_dir,
                             results_md=results_md if s == seeds[0] else None, preset=preset, **kw)
-        per_seed[s] = outs[s]["results"]
+    section = seeds_section(cfg.suite, preset, {s: o["results"] for s, o in outs.items()}, plots_dir=plots_dir,
+                            results_md=results_md)
+    return {"per_seed": outs, **section}
+
+
+def seeds_section(suite: str, preset: str, per_seed: dict[int, list[T.Result]], *, plots_dir: str | None = None,
+                  results_md: str | None = None, runs: Sequence[str] = ()) -> dict[str, Any]:
+    """The seeds table, its plot and its RESULTS.md section (``runs``: a line on where each seed ran, if apart)."""
+    seeds = sorted(per_seed)
     table = seeds_table(per_seed)
-    tag = f"{cfg.suite}-{preset}-seeds"
+    tag = f"{suite}-{preset}-seeds"
     plot = None
     if plots_dir:
         labels = [r.label for r in per_seed[seeds[0]]]
         means = {lab: [next((r.mean for r in per_seed[s] if r.label == lab), float("nan")) for s in seeds] for lab in labels}
-        plot = plots.seeds(means, os.path.join(plots_dir, f"seeds_{tag}.png"), f"{cfg.suite}: every method over seeds {list(seeds)}")
+        plot = plots.seeds(means, os.path.join(plots_dir, f"seeds_{tag}.png"), f"{suite}: every method over seeds {seeds}")
     if results_md:
-        body = [f"## Benchmark: {cfg.suite} suite over seeds {list(seeds)}", "",
+        body = [f"## Benchmark: {suite} suite over seeds {seeds}", "",
                 "One zoo per seed (its own data split, fine-tuning and adaptation seed); the spread is over seeds "
-                "of each method's mean test accuracy (%).", "", table, ""]
+                "of each method's mean test accuracy (%).", "", *[f"- {line}" for line in runs], *([""] if runs else []),
+                table, ""]
         if plot:
             body.append(f"![seeds]({os.path.relpath(os.path.abspath(plot), os.path.dirname(os.path.abspath(results_md)))})")
         write_section(results_md, tag, "\n".join(body))
-    return {"per_seed": outs, "table": table, "plot": plot}
+    return {"table": table, "plot": plot}
+
+
+def seeds_from_json(paths: Sequence[str], *, plots_dir: str | None = None,
+                    results_md: str | None = None) -> dict[str, Any]:
+    """The seeds section of runs made apart (e.g. one seed per GPU session), from their ``results-*.json`` files.
+
+    Every file must hold the same suite, preset and rows, each a different seed.
+    """
+    runs, per_seed, first = [], {}, None
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                obj = json.load(f)
+            key = (obj["suite"], obj["preset"], obj["config"]["seed"], [r["label"] for r in obj["results"]])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a results-*.json file of `python -m benchmarks.accuracy` ({err})") from None
+        suite, preset, seed, labels = key
+        first = first or (path, suite, preset, labels)
+        if (suite, preset, labels) != first[1:]:
+            raise ValueError(f"{path}: suite {suite!r}, preset {preset!r} and its rows differ from {first[0]}'s "
+                             f"({first[1]!r}, {first[2]!r})")
+        if seed in per_seed:
+            raise ValueError(f"{path}: seed {seed} is already given by another file")
+        per_seed[seed] = [T.Result.from_json(r) for r in obj["results"]]
+        runs.append(f"seed {seed}: `{obj.get('command', '?')}` — {obj.get('date', '?')}; {obj.get('machine', '?')}")
+    if len(per_seed) < 2:
+        raise ValueError(f"need the results of at least two seeds, got {len(per_seed)}")
+    return seeds_section(first[1], first[2], per_seed, plots_dir=plots_dir, results_md=results_md, runs=runs)

@@ -149,6 +149,12 @@ class Result:
         d.pop("correct")
         return d
 
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Result":
+        """A row back from :meth:`to_json` (without the per-example vectors: ``ci`` is then NaN)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"correct"}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
     def to_json(self) -> dict[str, Any]:
         """Everything but the per-example vectors, plus the mean, its interval and per-task Wilson intervals."""
         d = self.cache_json()

@@ -64,6 +64,27 @@ def test_the_example_backbone_is_merged_like_a_built_in_one(registry, tmp_path, 
     assert manifest["pretrained"]["source_sha256"] == Z.sha256_file(BACKBONE)
 
 
+def test_seeds_run_together_and_apart_give_one_table(registry, tmp_path, capsys):
+    """``--seeds 0,1`` writes the seeds section; ``--seeds-from`` rebuilds the same table from the two JSON files."""
+    from benchmarks.accuracy.__main__ import main
+
+    md, md_apart = tmp_path / "RESULTS.md", tmp_path / "APART.md"
+    rc = main(["--tasks-from", BACKBONE, "--suite", "pixel_mlp", "--seeds", "0,1", "--cache", str(tmp_path / "zoo"),
+               "--json", str(tmp_path), "--results", str(md), "--methods", "Pretrained,Individual,Task Arithmetic",
+               "--threads", "1", "-q"])
+    assert rc == 0
+    tag = "vision-pixel_mlp-default-subset"
+    runs = [str(tmp_path / f"results-{tag}.json"), str(tmp_path / f"results-{tag}-seed1.json")]
+    seeds = [json.load(open(path))["config"]["seed"] for path in runs]
+    assert seeds == [0, 1]
+    assert main(["--seeds-from", *runs, "--results", str(md_apart)]) == 0
+    section = f"<!-- benchmarks.accuracy {tag}-seeds BEGIN -->"
+    together, apart = md.read_text(), md_apart.read_text()
+    assert section in together and section in apart
+    row = next(line for line in together.split(section)[1].splitlines() if line.startswith("| Task Arithmetic |"))
+    assert " ± " in row and row in apart and "seed 1: `python -m benchmarks.accuracy" in apart
+
+
 def test_bad_registrations_name_the_problem(registry, tmp_path):
     with pytest.raises(ValueError, match="'foldoc'.*already a task"):
         plugins.register_task("foldoc", lambda sizes, seed: None, kind="text")

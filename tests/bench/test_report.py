@@ -59,3 +59,49 @@ def test_diagnostics_line_states_the_numbers():
     line = R.diagnostics_line([cart, ada], diag)
     assert "|cos| of τ 0.20 (of centered τ̄ 1.00)" in line and "keep 0.60 of ‖τ‖² (0.90 of ‖τ̄‖²)" in line
     assert "CART λ 0.3 on val vs paper 1: test 60.0 vs 55.0" in line and "within the budget: CART++" in line
+
+
+def _results_json(path, seed: int, cart: float, preset: str = "full", suite: str = "decoder") -> str:
+    import json
+
+    results = [_result("Individual", {"a": 0.8}), _result("CART", {"a": cart})]
+    obj = {"suite": suite, "preset": preset, "config": {"seed": seed}, "results": [r.to_json() for r in results],
+           "command": f"python -m benchmarks.accuracy --seeds {seed}", "date": "2026-11-27 02:00 UTC", "machine": "GPU"}
+    path.write_text(json.dumps(obj, default=float))
+    return str(path)
+
+
+def test_seeds_from_json_gives_the_table_of_the_seeds_run_together(tmp_path):
+    paths = [_results_json(tmp_path / f"r{s}.json", s, acc) for s, acc in ((2, 0.68), (0, 0.60), (1, 0.64))]
+    together = R.seeds_table({s: [_result("Individual", {"a": 0.8}), _result("CART", {"a": acc})]
+                              for s, acc in ((0, 0.60), (1, 0.64), (2, 0.68))})
+    md = tmp_path / "RESULTS.md"
+    out = R.seeds_from_json(paths, results_md=str(md))
+    assert out["table"] == together
+    text = md.read_text()
+    assert "decoder-full-seeds BEGIN" in text and together in text
+    assert "- seed 2: `python -m benchmarks.accuracy --seeds 2` — 2026-11-27 02:00 UTC; GPU" in text
+
+
+def test_seeds_from_json_refuses_files_that_do_not_belong_together(tmp_path):
+    a, b = _results_json(tmp_path / "a.json", 0, 0.6), _results_json(tmp_path / "b.json", 1, 0.6, preset="default")
+    with pytest.raises(ValueError, match=r"b\.json: suite 'decoder', preset 'default' .* differ from .*a\.json"):
+        R.seeds_from_json([a, b])
+    with pytest.raises(ValueError, match=r"c\.json: seed 0 is already given"):
+        R.seeds_from_json([a, _results_json(tmp_path / "c.json", 0, 0.7)])
+    with pytest.raises(ValueError, match="at least two seeds, got 1"):
+        R.seeds_from_json([a])
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"x\.json: not a results-\*\.json file"):
+        R.seeds_from_json([a, str(tmp_path / "x.json")])
+
+
+def test_cli_seeds_from_prints_the_table_and_names_a_bad_file(tmp_path, capsys):
+    from benchmarks.accuracy.__main__ import main
+
+    paths = [_results_json(tmp_path / f"r{s}.json", s, acc) for s, acc in ((0, 0.60), (1, 0.64))]
+    assert main(["--seeds-from", *paths]) == 0
+    assert "| CART | **62.0** ± 2.8 [60.0, 64.0]" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--seeds-from", paths[0], str(tmp_path / "missing.json")])
+    assert exit_info.value.code == 2 and "missing.json: not a results-*.json file" in capsys.readouterr().err
