@@ -20,6 +20,7 @@ from .decompose import compute_dtype, resolve_rank
 from .layers import MergedTensor, MergedWeight, BaseMerged, check_finite
 from .methods import Method, Transform, get_method
 from .sources import shapes_of
+from .layouts import Layout
 from .targets import Entry, Patterns, is_selected, method_layout, plan
 
 __all__ = [
@@ -304,13 +305,19 @@ def _mask_logits(method: Method, S: Tensor, shape: tuple[int, int], name: str) -
     return nn.Parameter(logits)
 
 
+def _has_task_term(entry: Entry, method: Method) -> bool:
+    """Whether ``method`` gives ``entry`` a task term (else it is its base: the pretrained value or the mean)."""
+    layout = method_layout(entry, method.matrix_set)
+    return entry.merged and (method.matrices != "none" if layout is not None else method.dense)
+
+
 def _build_one(
     entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, transform: Transform,
     coefficients: _CoefFactory, check: bool = True, workspace: Workspace | None = None,
 ) -> BaseMerged:
     dtype = pretrained.dtype
     layout = method_layout(entry, method.matrix_set)
-    with_term = entry.merged and (method.matrices != "none" if layout is not None else method.dense)
+    with_term = _has_task_term(entry, method)
     if not entry.merged:
         base, task_vectors = check_finite(pretrained.detach(), f"pretrained[{entry.name!r}]", check), None
     else:
@@ -333,6 +340,56 @@ def _build_one(
         base.to(dtype), U=U, S=S, V=V, coef=coef, mask_logits=_mask_logits(method, S, shape, entry.name),
         temperature=method.temperature, layout=layout,
     )
+
+
+CHUNK = 1 << 18  # entries per chunk of :func:`merge_in_chunks`: T float32 chunks of 1 MiB stay in the L2 cache
+
+
+def chunk_bounds(n: int) -> list[tuple[int, int]]:
+    """[start, stop) of the chunks of ``n`` entries: ``CHUNK`` each, the remainder joined to the last chunk.
+
+    So the last entries lie in a chunk that ends where the tensor ends and is at least ``CHUNK`` long: torch's
+    reductions and BLAS treat them as in the whole tensor (a short trailing chunk would take other code paths).
+    """
+    starts = list(range(0, n, CHUNK))
+    if len(starts) > 1 and n - starts[-1] < CHUNK:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], n]))
+
+
+def can_merge_in_chunks(entry: Entry, method: Method) -> bool:
+    """Whether :func:`merge_in_chunks` gives ``entry`` the values of its module: a merged tensor of at least two
+    chunks, a method whose merge is entrywise (:func:`propagates_non_finite`) and a layout whose matrix keeps the
+    stored order (not ``in_out``, whose matrix is the transpose)."""
+    layout = method_layout(entry, method.matrix_set)
+    return (entry.merged and propagates_non_finite(method) and layout is not Layout.IN_OUT
+            and math.prod(entry.shape) >= 2 * CHUNK)
+
+
+def merge_in_chunks(
+    entry: Entry, pretrained: Tensor, tasks: Sequence[Tensor], method: Method, dtype: torch.dtype,
+    out_dtype: torch.dtype, workspace: Workspace | None = None,
+) -> Tensor:
+    """The static merge of ``entry`` (see :func:`can_merge_in_chunks`) computed chunk by chunk of its entries.
+
+    ``pretrained`` and ``tasks`` are the stored tensors (any dtype, e.g. mapped from their files without being
+    read): each chunk of them is cast to ``dtype``, merged as the entry's module merges (the same builder, on the
+    chunk) and rounded to ``out_dtype``. The T chunks stay in the cache from reading to merging and no input is
+    copied whole: about twice as fast as the whole stack for a large tensor, with the same values bit for bit
+    (``tests/test_build.py``). The inputs are not checked for NaN/Inf (:func:`check_inputs`).
+    """
+    n = math.prod(entry.shape)
+    flat_pretrained, flat_tasks = pretrained.reshape(n), [task.reshape(n) for task in tasks]
+    with_term, coefficients = _has_task_term(entry, method), _CoefFactory(method)
+    out = torch.empty(n, dtype=out_dtype, device=pretrained.device)
+    for start, stop in chunk_bounds(n):
+        chunk = Entry(entry.name, entry.aliases, (stop - start,), None, True)
+        sources = [{entry.name: task[start:stop]} for task in flat_tasks]
+        base, vectors = _base_and_task_vectors(chunk, flat_pretrained[start:stop].to(dtype), sources, method, with_term,
+                                               check=False, workspace=workspace)
+        merged = MergedTensor(base) if vectors is None else MergedTensor(base, vectors, coefficients(len(tasks), base))
+        out[start:stop] = merged()
+    return out.view(entry.shape)
 
 
 def fit_transform(
@@ -360,7 +417,8 @@ def iter_merged_tensors(
     transform: Transform | None = None,
     check: bool = True,
     workspace: Workspace | None = None,
-) -> Iterator[tuple[Entry, BaseMerged]]:
+    skip: Callable[[Entry], bool] | None = None,
+) -> Iterator[tuple[Entry, BaseMerged | None]]:
     """Build the merged tensor module of each entry in turn, reading ``pretrained[entry.name]`` lazily.
 
     The method's transform is fitted first (one pass over all task vectors) unless an already fitted
@@ -369,11 +427,15 @@ def iter_merged_tensors(
     caller, which evaluates each module and calls :func:`check_inputs` when its value is not finite (only
     for a method that :func:`propagates_non_finite`). With a ``workspace``, each module may hold tensors in it
     that the next one overwrites: drop (or copy out of it) each module's values before taking the next.
+    An entry for which ``skip(entry)`` is true comes as ``(entry, None)``, nothing read or built for it.
     """
     if transform is None:
         transform = fit_transform(entries, pretrained, sources, method)
     coefficients = _CoefFactory(method)
     for entry in tqdm(entries, desc=f"merge ({method.name})", disable=not progress, unit="tensor"):
+        if skip is not None and skip(entry):  # the caller merges it (e.g. merge_in_chunks)
+            yield entry, None
+            continue
         with torch.no_grad():
             module = _build_one(entry, pretrained[entry.name], sources, method, transform, coefficients, check,
                                  workspace)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import math
 import os
 import re
@@ -95,6 +96,26 @@ def read_safetensors_layout(path: str | os.PathLike) -> dict[str, StoredTensor]:
     start = 8 + length
     return {key: StoredTensor(shape, dtype, start + begin, start + end)
             for key, (shape, dtype, (begin, end)) in tensors.items()}
+
+
+def map_stored_tensor(path: str | os.PathLike, stored: StoredTensor) -> Tensor | None:
+    """The tensor ``stored`` in the file ``path`` without reading it: a CPU tensor over a private memory map of
+    its byte range (pages are read when touched; the map is released with the tensor; writes stay private).
+
+    None where the stored bytes cannot serve as they are: a big-endian host, an offset not aligned to the item
+    size, or an empty tensor. A file now too short for ``stored`` is a ValueError.
+    """
+    size = stored.dtype.itemsize
+    if sys.byteorder == "big" or stored.start % size or stored.stop == stored.start:
+        return None
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < stored.stop:
+            raise ValueError(f"the file ends before the tensor's end at byte {stored.stop} (changed since its header "
+                             "was read?)")
+        begin = stored.start - stored.start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(f.fileno(), stored.stop - begin, offset=begin, access=mmap.ACCESS_COPY)
+    raw = torch.frombuffer(mapped, dtype=torch.uint8, offset=stored.start - begin, count=stored.stop - stored.start)
+    return raw.view(stored.dtype).view(stored.shape)
 
 
 def read_stored_tensor(path: str | os.PathLike, stored: StoredTensor, out: Tensor | None = None) -> Tensor:

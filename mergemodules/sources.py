@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import safetensors_files
 from .files import new_temp, remove_stale_temps, temp_name
-from .safetensors_files import StoredTensor, read_safetensors_layout, read_stored_tensor
+from .safetensors_files import StoredTensor, map_stored_tensor, read_safetensors_layout, read_stored_tensor
 
 __all__ = [
     "MODEL_KINDS", "build_model", "load_callable", "LazyCheckpoint", "SafetensorsCheckpoint", "open_checkpoint",
@@ -177,8 +177,9 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
 
     The headers are read when it is opened; nothing else until a tensor is looked up. A lookup reads
     that tensor's bytes into a fresh tensor (plain reads, no memory map: no page faults on a mapping,
-    and its memory is freed with the tensor). Floating tensors are cast to ``dtype`` when given; every
-    tensor is moved to ``device``.
+    and its memory is freed with the tensor); ``view`` maps a tensor instead, for a caller that reads
+    it once in pieces (:func:`~mergemodules.build.merge_in_chunks`). Floating tensors are cast to
+    ``dtype`` when given; every tensor is moved to ``device``.
     """
 
     def __init__(
@@ -207,6 +208,14 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
         try:
             return read_stored_tensor(self._files[key], self._stored[key], out)
         except ValueError as err:  # the file changed since its header was checked (an OSError stays one)
+            raise ValueError(f"{str(self._files[key])!r}: cannot read tensor {key!r}: {err}") from None
+
+    def view(self, key: str) -> Tensor | None:
+        """The stored tensor ``key`` as stored (its dtype, on the CPU), mapped from its file without reading it
+        (:func:`~mergemodules.safetensors_files.map_stored_tensor`); None where it cannot be."""
+        try:
+            return map_stored_tensor(self._files[key], self._stored[key])
+        except ValueError as err:
             raise ValueError(f"{str(self._files[key])!r}: cannot read tensor {key!r}: {err}") from None
 
     def read_into(self, key: str, out: Tensor) -> bool:
@@ -275,6 +284,12 @@ class _Converted(Mapping[str, Tensor]):
 
     def __getitem__(self, key: str) -> Tensor:
         return _convert(self.state[key], self.dtype, self.device)
+
+    def view(self, key: str) -> Tensor | None:
+        """The state's tensor ``key`` before the cast, where a lazy state maps it without reading it and no move to
+        another device comes between (see ``SafetensorsCheckpoint.view``); else None."""
+        view = getattr(self.state, "view", None)
+        return view(key) if view is not None and _stays_on_cpu(self.device) else None
 
     def read_into(self, key: str, out: Tensor) -> bool:
         """As ``out.copy_(self[key])`` straight from a lazy state that can (``read_into``) when no cast to another

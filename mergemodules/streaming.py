@@ -5,7 +5,10 @@ T model sizes). For a static export only the fused tensors are needed, so ``fuse
 builds each tensor's merged module with the same builder (``build.iter_merged_tensors``),
 evaluates it, hands out the fused tensor and drops the module. With lazy checkpoints
 (:class:`~mergemodules.sources.SafetensorsCheckpoint`) and :func:`save_fused_streaming`, peak
-memory is about one tensor's values of all tasks plus its factors.
+memory is about one tensor's values of all tasks plus its factors. A large tensor of an entrywise
+merge (weight averaging, task arithmetic, AdaMerging's initial λ) is merged chunk by chunk straight
+from its memory-mapped inputs (:func:`~mergemodules.build.merge_in_chunks`: the same values, bit for
+bit): then only T chunks of 1 MiB are held besides the fused tensor.
 
 Precision: every tensor is merged in ``dtype`` (default float32, float64 for float64 checkpoints)
 from the checkpoints' values cast to it, and the fused tensor is rounded once to its output dtype
@@ -23,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from .build import (
-    Workspace, check_inputs, check_sources, iter_merged_tensors, merge_buffers, prepare, propagates_non_finite,
+    Workspace, can_merge_in_chunks, check_inputs, check_sources, iter_merged_tensors, merge_buffers, merge_in_chunks,
+    prepare, propagates_non_finite,
 )
 from .layers import all_finite, check_finite
 from .methods import Method
@@ -49,6 +53,11 @@ class _EntryValues(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def view(self, name: str) -> Tensor | None:
+        """The entry's pretrained tensor as stored, mapped without being read, where ``weights`` can (else None)."""
+        view = getattr(self.weights, "view", None)
+        return None if view is None else view(self.names[name])
 
 
 def check_weights(entries: Sequence[Entry], weights: Mapping[str, Tensor], model: nn.Module) -> list[str]:
@@ -110,19 +119,42 @@ def fuse_streaming(
     out = output_dtypes(stored, out_dtype)
     # buffers in their output dtype: a merged one (a float64 mean) is then rounded once, straight to it
     buffers = merge_buffers({key: weights[key].to(out[key]) for key in buffers}, sources, setup.selected)
-    return _fused(entries, values, buffers, sources, setup.method, out, progress)
+    return _fused(entries, values, buffers, sources, setup.method, dtype, out, progress)
+
+
+def _mapped_inputs(entry: Entry, values: _EntryValues, sources: Sequence[_Converted]) -> tuple[Tensor, list[Tensor]] | None:
+    """The pretrained and fine-tuned tensors of ``entry`` mapped from their files (not read), or None unless every
+    one can be (each source holding it under one name: tied names present twice are compared by the lookup)."""
+    pretrained = values.view(entry.name)
+    tasks = []
+    for source in sources:
+        present = [name for name in entry.names if name in source]
+        tasks.append(source.view(present[0]) if len(present) == 1 else None)
+    return None if pretrained is None or any(t is None for t in tasks) else (pretrained, tasks)
 
 
 def _fused(
-    entries: Sequence[Entry], values: _EntryValues, buffers: Mapping[str, Tensor],
-    sources: Sequence[Mapping[str, Tensor]], method: Method, out: Mapping[str, torch.dtype], progress: bool,
+    entries: Sequence[Entry], values: _EntryValues, buffers: Mapping[str, Tensor], sources: Sequence[_Converted],
+    method: Method, dtype: torch.dtype, out: Mapping[str, torch.dtype], progress: bool,
 ) -> Iterator[tuple[tuple[str, ...], Tensor]]:
     check = not propagates_non_finite(method)  # else an input's NaN/Inf shows in the output: checked only then
     workspace = Workspace()  # each module is dropped before the next is built
+    mapped: dict[str, tuple[Tensor, list[Tensor]] | None] = {}
+
+    def in_chunks(entry: Entry) -> bool:  # a large tensor of an entrywise merge, its inputs mapped from their files
+        mapped[entry.name] = _mapped_inputs(entry, values, sources) if can_merge_in_chunks(entry, method) else None
+        return mapped[entry.name] is not None
+
     for entry, module in iter_merged_tensors(entries, values, sources, method, progress, check=check,
-                                             workspace=workspace):
+                                             workspace=workspace, skip=in_chunks):
+        out_dtype = out[values.names[entry.name]]
         with torch.no_grad():
-            fused = module().detach().to(out[values.names[entry.name]]).contiguous()  # the one rounding
+            if module is None:
+                pretrained, tasks = mapped.pop(entry.name)
+                fused = merge_in_chunks(entry, pretrained, tasks, method, dtype, out_dtype, workspace)
+                del pretrained, tasks  # the maps are released with their tensors
+            else:
+                fused = module().detach().to(out_dtype).contiguous()  # the one rounding
         del module
         if workspace.holds(fused):  # the next tensor's values overwrite it
             fused = fused.clone()

@@ -1,0 +1,110 @@
+"""Large tensors of entrywise merges, merged chunk by chunk from memory-mapped inputs: the values of ``merge``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import perturbed
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+from torch import nn
+
+import mergemodules as mm
+from mergemodules import build, streaming
+from mergemodules.build import CHUNK, chunk_bounds
+from mergemodules.safetensors_files import map_stored_tensor, read_safetensors_layout
+from mergemodules.sources import SafetensorsCheckpoint
+from mergemodules.streaming import merge_to_state_dict
+
+
+class Big(nn.Module):
+    """Tensors of two and more chunks (a Linear weight, a convolution kernel) beside small ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(1031, 700)  # 721 700 entries: chunks [0, CHUNK), [CHUNK, 721 700)
+        self.conv = nn.Conv2d(64, 128, 9)  # 663 552 entries, merged as an (out, in·k·k) matrix
+        self.small = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.small(x)
+
+
+def zoo(tmp_path: Path, dtype: torch.dtype, tasks: int = 3) -> tuple[nn.Module, SafetensorsCheckpoint,
+                                                                    list[SafetensorsCheckpoint]]:
+    torch.manual_seed(0)
+    base = Big()
+    states = [base.state_dict()] + [perturbed(base, seed=i + 1, scale=0.1).state_dict() for i in range(tasks)]
+    paths = [tmp_path / f"m{i}.safetensors" for i in range(len(states))]
+    for state, path in zip(states, paths):
+        save_file({k: v.to(dtype) for k, v in state.items()}, path)
+    return base, SafetensorsCheckpoint(paths[0]), [SafetensorsCheckpoint(p) for p in paths[1:]]
+
+
+@given(st.integers(1, 5 * CHUNK))
+def test_chunks_tile_the_tensor_and_the_last_one_takes_the_remainder(n):
+    bounds = chunk_bounds(n)
+    assert bounds[0][0] == 0 and all(stop == start for (_, stop), (start, _) in zip(bounds, bounds[1:])) and bounds[-1][1] == n
+    assert all(stop - start == CHUNK for start, stop in bounds[:-1])
+    assert n < CHUNK or bounds[-1][1] - bounds[-1][0] >= CHUNK
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method, options", [("weight_averaging", {}), ("task_arithmetic", {"scaling": 0.3}),
+                                             ("adamerging", {"coefficients": "layer"})])
+def test_chunked_merge_is_bit_identical_to_merge(tmp_path, monkeypatch, dtype, method, options):
+    base, weights, tasks = zoo(tmp_path, dtype)
+    chunked = []
+    original = streaming.merge_in_chunks
+    monkeypatch.setattr(streaming, "merge_in_chunks", lambda entry, *a, **k: chunked.append(entry.name) or
+                        original(entry, *a, **k))
+    streamed = merge_to_state_dict(base, tasks, method, weights=weights, **options)
+    assert sorted(chunked) == ["conv.weight", "linear.weight"]  # the large tensors, not the others
+    model = base.to(dtype)
+    model.load_state_dict(dict(weights.items()))
+    expected = mm.merge(model.float(), [{k: v.float() for k, v in t.items()} for t in tasks], method, **options).fuse()
+    for key, value in expected.state_dict().items():
+        assert torch.equal(streamed[key], value.to(dtype)), key
+
+
+def test_a_non_finite_input_of_a_chunked_tensor_is_named(tmp_path):
+    base, weights, tasks = zoo(tmp_path, torch.float32)
+    state = dict(tasks[2].items())
+    state["linear.weight"] = state["linear.weight"].clone()
+    state["linear.weight"][699, 1030] = float("inf")  # in the last chunk
+    save_file(state, tmp_path / "bad.safetensors")
+    tasks[2] = SafetensorsCheckpoint(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"finetuned\[2\]\['linear\.weight'\] contains NaN or Inf"):
+        merge_to_state_dict(base, tasks, "task_arithmetic", weights=weights)
+
+
+def test_in_out_layouts_are_not_chunked():
+    entry = build.Entry("w", (), (1024, 1024), build.Layout.IN_OUT, True)
+    assert not build.can_merge_in_chunks(entry, mm.get_method("task_arithmetic"))
+    assert build.can_merge_in_chunks(build.Entry("w", (), (1024, 1024), build.Layout.OUT_IN, True),
+                                     mm.get_method("task_arithmetic"))
+    assert not build.can_merge_in_chunks(build.Entry("w", (), (1024, 1024), build.Layout.OUT_IN, True),
+                                         mm.get_method("ties"))  # not entrywise
+
+
+def test_a_mapped_tensor_holds_the_stored_values_and_keeps_writes_private(tmp_path):
+    values = torch.randn(300, 7)
+    path = tmp_path / "x.safetensors"
+    save_file({"a": values, "b": torch.zeros(0)}, path)
+    layout = read_safetensors_layout(path)
+    mapped = map_stored_tensor(path, layout["a"])
+    assert torch.equal(mapped, values) and map_stored_tensor(path, layout["b"]) is None
+    mapped[0, 0] = 99.0
+    assert torch.equal(SafetensorsCheckpoint(path)["a"], values)  # the file is unchanged
+
+
+def test_a_file_shortened_since_its_header_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.randn(1000)}, path)
+    checkpoint = SafetensorsCheckpoint(path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 8)
+    with pytest.raises(ValueError, match=r"x\.safetensors'.*cannot read tensor 'a'.*file ends before"):
+        checkpoint.view("a")
