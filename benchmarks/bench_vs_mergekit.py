@@ -189,7 +189,12 @@ def uptime() -> str:
 
 
 def child(python: str, who: str, config: Path, out: Path, cold: bool = False) -> dict:
-    """Run one merge in a fresh process and return its timing (after dropping the page cache if ``cold``)."""
+    """Run one merge in a fresh process and return its timing (after dropping the page cache if ``cold``).
+
+    Dirty pages are written back first (``sync``): the zoo just written, or the previous run's output, would
+    otherwise be flushed during this run and slow whichever library runs then.
+    """
+    os.sync()
     if cold:
         drop_page_cache()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
