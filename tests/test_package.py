@@ -11,8 +11,8 @@ import mergemodules
 PACKAGE = Path(mergemodules.__file__).parent
 # The floors, bottom first (docs/architecture.md explains them): a module imports only modules on lower floors.
 FLOORS = [
-    ("primitives", ["files", "layouts", "decompose", "batches", "streams"]),
-    ("formats and layers", ["safetensors_files", "layers", "distributed"]),
+    ("primitives", ["files", "layouts", "lapack", "batches", "streams"]),
+    ("formats, layers and the SVD", ["safetensors_files", "layers", "distributed", "decompose"]),
     ("reading and choosing", ["sources", "targets", "tta_checkpoint"]),
     ("the method description", ["methods.base"]),
     ("transforms", ["methods.awd", "methods.ties", "methods.tsv"]),
