@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from .decompose import compute_dtype, resolve_rank
 from .layers import MergedTensor, MergedWeight, BaseMerged, check_finite
+from .layouts import Layout
 from .methods import Method, Transform, get_method
 from .sources import shapes_of
-from .layouts import Layout
 from .targets import Entry, Patterns, is_selected, method_layout, plan
 
 __all__ = [
@@ -376,7 +376,7 @@ def merge_in_chunks(
     read): each chunk of them is cast to ``dtype``, merged as the entry's module merges (the same builder, on the
     chunk) and rounded to ``out_dtype``. The T chunks stay in the cache from reading to merging and no input is
     copied whole: about twice as fast as the whole stack for a large tensor, with the same values bit for bit
-    (``tests/test_build.py``). The inputs are not checked for NaN/Inf (:func:`check_inputs`).
+    (``tests/test_merge_in_chunks.py``). The inputs are not checked for NaN/Inf (:func:`check_inputs`).
     """
     n = math.prod(entry.shape)
     flat_pretrained, flat_tasks = pretrained.reshape(n), [task.reshape(n) for task in tasks]

@@ -139,11 +139,13 @@ def _fused(
 ) -> Iterator[tuple[tuple[str, ...], Tensor]]:
     check = not propagates_non_finite(method)  # else an input's NaN/Inf shows in the output: checked only then
     workspace = Workspace()  # each module is dropped before the next is built
-    mapped: dict[str, tuple[Tensor, list[Tensor]] | None] = {}
+    mapped: dict[str, tuple[Tensor, list[Tensor]]] = {}
 
     def in_chunks(entry: Entry) -> bool:  # a large tensor of an entrywise merge, its inputs mapped from their files
-        mapped[entry.name] = _mapped_inputs(entry, values, sources) if can_merge_in_chunks(entry, method) else None
-        return mapped[entry.name] is not None
+        inputs = _mapped_inputs(entry, values, sources) if can_merge_in_chunks(entry, method) else None
+        if inputs is not None:
+            mapped[entry.name] = inputs
+        return inputs is not None
 
     for entry, module in iter_merged_tensors(entries, values, sources, method, progress, check=check,
                                              workspace=workspace, skip=in_chunks):
