@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .buffers import Workspace
 from .decompose import compute_dtype, resolve_rank
 from .layers import MergedTensor, MergedWeight, BaseMerged, check_finite
 from .layouts import Layout
@@ -190,28 +191,6 @@ def _read_value(source: Source, entry: Entry, label: str, out: Tensor, check: bo
         check_finite(out, where, check)  # the stored values themselves
         return
     out.copy_(check_finite(_lookup(source, entry, label), where, check))
-
-
-class Workspace:
-    """One buffer that holds the stacked values of each tensor in turn, for a caller that drops each tensor's
-    module before building the next (a static export): fresh memory costs a page fault per page, every tensor."""
-
-    def __init__(self) -> None:
-        self.buffer: Tensor | None = None
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """An uninitialised ``shape`` tensor in the buffer: whatever an earlier one held there is overwritten."""
-        numel = math.prod(shape)
-        if self.buffer is None or self.buffer.dtype != dtype or self.buffer.device != device \
-                or self.buffer.numel() < numel:
-            self.buffer = None  # freed first: the old and the new buffer are never held together
-            self.buffer = torch.empty(numel, dtype=dtype, device=device)
-        return self.buffer[:numel].view(shape)
-
-    def holds(self, tensor: Tensor) -> bool:
-        """Whether ``tensor`` lies in the buffer (and would be overwritten by the next tensor's values)."""
-        buffer = self.buffer
-        return buffer is not None and tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 
 
 def _task_values(

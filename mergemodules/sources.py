@@ -13,7 +13,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import pickle
 import shutil
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import safetensors_files
+from .buffers import Workspace
 from .files import new_temp, remove_stale_temps, temp_name
 from .safetensors_files import StoredTensor, map_stored_tensor, read_safetensors_layout, read_stored_tensor
 
@@ -254,13 +254,10 @@ _SCRATCH = threading.local()
 
 
 def _scratch(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """An uninitialised ``shape`` tensor in this thread's reused buffer (fresh memory costs a page fault per page)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    buffer = getattr(_SCRATCH, "buffer", None)
-    if buffer is None or buffer.numel() < nbytes:
-        _SCRATCH.buffer = None  # the old buffer freed before the new one is allocated
-        _SCRATCH.buffer = buffer = torch.empty(nbytes, dtype=torch.uint8)
-    return buffer[:nbytes].view(dtype).view(shape)
+    """An uninitialised ``shape`` CPU tensor in this thread's :class:`~mergemodules.buffers.Workspace`."""
+    if not hasattr(_SCRATCH, "workspace"):
+        _SCRATCH.workspace = Workspace()
+    return _SCRATCH.workspace.empty(shape, dtype)
 
 
 def _stays_on_cpu(device: str | torch.device | None) -> bool:

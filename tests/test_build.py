@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import mergemodules as mm
-from mergemodules.build import Workspace, prepare
+from mergemodules.build import prepare
 from mergemodules.sources import SafetensorsCheckpoint
 from mergemodules.streaming import merge_to_state_dict
 
@@ -159,12 +159,3 @@ def test_an_overflowing_output_of_finite_inputs_names_the_output(tmp_path: Path)
     base, weights, tasks = lazy_zoo(tmp_path, torch.float32)
     with pytest.raises(ValueError, match=r"the fused tensor '0\.weight' contains NaN or Inf"):
         merge_to_state_dict(base, tasks, "task_arithmetic", weights=weights, scaling=1e6, out_dtype=torch.float16)
-
-
-def test_workspace_reuses_one_buffer_and_grows_it() -> None:
-    workspace = Workspace()
-    small = workspace.empty((2, 3), torch.float32, torch.device("cpu"))
-    again = workspace.empty((3, 2), torch.float32, torch.device("cpu"))
-    assert workspace.holds(small) and again.data_ptr() == small.data_ptr()
-    larger = workspace.empty((4, 5), torch.float32, torch.device("cpu"))
-    assert larger.shape == (4, 5) and workspace.holds(larger) and not workspace.holds(torch.zeros(3))

@@ -11,7 +11,7 @@ import mergemodules
 PACKAGE = Path(mergemodules.__file__).parent
 # The floors, bottom first (docs/architecture.md explains them): a module imports only modules on lower floors.
 FLOORS = [
-    ("primitives", ["files", "layouts", "lapack", "batches", "streams"]),
+    ("primitives", ["files", "layouts", "lapack", "batches", "streams", "buffers"]),
     ("formats, layers and the SVD", ["safetensors_files", "layers", "distributed", "decompose"]),
     ("reading and choosing", ["sources", "targets", "tta_checkpoint"]),
     ("the method description", ["methods.base"]),

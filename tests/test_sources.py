@@ -83,9 +83,9 @@ def test_read_into_equals_a_lookup_copied_in(tmp_path: Path, dtype: torch.dtype 
                 assert value.dtype not in (STATE[key].dtype, out_dtype) and bool((out == 7).all())
     out = torch.empty(2, 2, dtype=torch.float32)  # a cast reads into the thread's scratch buffer, reused
     ckpt.read_into("b", out)
-    first = mergemodules.sources._SCRATCH.buffer.data_ptr()
+    first = mergemodules.sources._SCRATCH.workspace.buffer.data_ptr()
     ckpt.read_into("b", out)
-    assert mergemodules.sources._SCRATCH.buffer.data_ptr() == first
+    assert mergemodules.sources._SCRATCH.workspace.buffer.data_ptr() == first
 
 
 def test_every_checkpoint_format_is_a_lazy_checkpoint(tmp_path: Path) -> None:
