@@ -203,20 +203,22 @@ class SafetensorsCheckpoint(Mapping[str, Tensor]):
     def __getitem__(self, key: str) -> Tensor:
         return _convert(self._read(key), self.dtype, self.device)
 
+    def _stored_call(self, read: Callable[..., Any], key: str, *args: Any) -> Any:
+        """``read(file, stored, *args)`` for tensor ``key``; a ValueError (the file changed since its header was
+        checked; an OSError stays one) names the file and the tensor."""
+        try:
+            return read(self._files[key], self._stored[key], *args)
+        except ValueError as err:
+            raise ValueError(f"{str(self._files[key])!r}: cannot read tensor {key!r}: {err}") from None
+
     def _read(self, key: str, out: Tensor | None = None) -> Tensor:
         """The stored tensor ``key`` as stored, read into ``out`` or a fresh tensor."""
-        try:
-            return read_stored_tensor(self._files[key], self._stored[key], out)
-        except ValueError as err:  # the file changed since its header was checked (an OSError stays one)
-            raise ValueError(f"{str(self._files[key])!r}: cannot read tensor {key!r}: {err}") from None
+        return self._stored_call(read_stored_tensor, key, out)
 
     def view(self, key: str) -> Tensor | None:
         """The stored tensor ``key`` as stored (its dtype, on the CPU), mapped from its file without reading it
         (:func:`~mergemodules.safetensors_files.map_stored_tensor`); None where it cannot be."""
-        try:
-            return map_stored_tensor(self._files[key], self._stored[key])
-        except ValueError as err:
-            raise ValueError(f"{str(self._files[key])!r}: cannot read tensor {key!r}: {err}") from None
+        return self._stored_call(map_stored_tensor, key)
 
     def read_into(self, key: str, out: Tensor) -> bool:
         """``out.copy_(self[key])`` without a fresh tensor: read straight into ``out`` (a contiguous CPU tensor) when
