@@ -1,6 +1,7 @@
 """Large tensors of entrywise merges, merged chunk by chunk from memory-mapped inputs: the values of ``merge``."""
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,26 @@ def test_a_file_shortened_since_its_header_is_an_error_naming_it(tmp_path):
         f.truncate(path.stat().st_size - 8)
     with pytest.raises(ValueError, match=r"x\.safetensors'.*cannot read tensor 'a'.*file ends before"):
         checkpoint.view("a")
+
+
+def _unaligned_copy(src: Path, dst: Path) -> None:
+    """The same tensors with a header one byte longer: every float32 offset in the file is then odd."""
+    data = src.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = data[8:8 + length] + b" "
+    dst.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length:])
+
+
+def test_a_file_whose_offsets_cannot_be_mapped_is_read_and_merged_alike(tmp_path, monkeypatch):
+    base, weights, tasks = zoo(tmp_path, torch.float32)
+    expected = merge_to_state_dict(base, tasks, "task_arithmetic", weights=weights)
+    _unaligned_copy(tmp_path / "m2.safetensors", tmp_path / "odd.safetensors")
+    odd = SafetensorsCheckpoint(tmp_path / "odd.safetensors")
+    assert odd.view("linear.weight") is None and torch.equal(odd["linear.weight"], tasks[1]["linear.weight"])
+    chunked = []
+    original = streaming.merge_in_chunks
+    monkeypatch.setattr(streaming, "merge_in_chunks", lambda entry, *a, **k: chunked.append(entry.name) or
+                        original(entry, *a, **k))
+    streamed = merge_to_state_dict(base, [tasks[0], odd, tasks[2]], "task_arithmetic", weights=weights)
+    assert chunked == []  # one input cannot be mapped: every tensor takes the plain reads
+    assert all(torch.equal(streamed[k], v) for k, v in expected.items())
