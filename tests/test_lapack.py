@@ -1,4 +1,6 @@
+import ctypes
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ import scipy.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mergemodules import lapack
 from mergemodules.lapack import top_eigenpairs
 
 
@@ -55,30 +58,39 @@ def test_bad_input_is_an_error(G, k, match):
         top_eigenpairs(G, k)
 
 
-def _progress_while(call) -> int:
-    """How often the main thread counts while ``call`` runs on another thread: ~0 if ``call`` holds the GIL."""
-    inside, done, count = threading.Event(), threading.Event(), [0, 0]
+def _longest_stall_while(call) -> tuple[float, float]:
+    """The longest time this thread could not run while ``call`` ran on another thread, and the call's duration.
+
+    A call that holds the GIL stalls this thread for about its whole duration; one that releases it, for a
+    switch interval or a scheduler tick, whatever the machine's load.
+    """
+    done, took = threading.Event(), [0.0]
 
     def worker():
-        inside.set()
-        start = count[0]
+        start = time.perf_counter()
         call()
-        count[1] = count[0] - start
+        took[0] = time.perf_counter() - start
         done.set()
 
     thread = threading.Thread(target=worker)
+    last, stall = time.perf_counter(), 0.0  # from before the start: a wait for the GIL anywhere below counts
     thread.start()
-    inside.wait()
     while not done.is_set():
-        count[0] += 1
+        now = time.perf_counter()
+        stall, last = max(stall, now - last), now
     thread.join()
-    return count[1]
+    return stall, took[0]
 
 
-def test_the_call_releases_the_gil():
-    """Another thread runs while LAPACK works; scipy's call of the same routine holds the GIL (it counts only
-    during scipy's Python-level checks and copies, O(n²) against LAPACK's O(n³))."""
-    G = _gram(1000, 2)
-    with_scipy = _progress_while(lambda: scipy.linalg.eigh(G, subset_by_index=(900, 999), driver="evr"))
-    ours = _progress_while(lambda: top_eigenpairs(G, 100))
-    assert ours > 4 * with_scipy, (ours, with_scipy)
+def test_the_call_releases_the_gil(monkeypatch):
+    """Another thread runs while LAPACK works. The control calls the same routine through ``PYFUNCTYPE``, which
+    holds the GIL: it stalls the other thread for most of the call, so the measure can tell the two apart."""
+    G = _gram(1500, 2)  # ≈ 0.5 s of LAPACK: long against a scheduler tick
+    stall, took = _longest_stall_while(lambda: top_eigenpairs(G, 100))
+    assert stall < 0.5 * took, (stall, took)
+
+    address = ctypes.cast(lapack._dsyevr(), ctypes.c_void_p).value
+    holding_the_gil = ctypes.PYFUNCTYPE(None, *[ctypes.c_void_p] * 21)(address)
+    monkeypatch.setattr(lapack, "_dsyevr", lambda: holding_the_gil)
+    stall, took = _longest_stall_while(lambda: top_eigenpairs(G, 100))
+    assert stall > 0.5 * took, (stall, took)
