@@ -192,8 +192,10 @@ def child(python: str, who: str, config: Path, out: Path, cold: bool = False) ->
     """Run one merge in a fresh process and return its timing (after dropping the page cache if ``cold``).
 
     Dirty pages are written back first (``sync``): the zoo just written, or the previous run's output, would
-    otherwise be flushed during this run and slow whichever library runs then.
+    otherwise be flushed during this run and slow whichever library runs then. The previous run's output is
+    removed first too: each library writes a new folder, and none pays for freeing the last one's blocks.
     """
+    shutil.rmtree(out, ignore_errors=True)
     os.sync()
     if cold:
         drop_page_cache()

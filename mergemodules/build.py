@@ -347,7 +347,7 @@ def can_merge_in_chunks(entry: Entry, method: Method) -> bool:
 
 def merge_in_chunks(
     entry: Entry, pretrained: Tensor, tasks: Sequence[Tensor], method: Method, dtype: torch.dtype,
-    out_dtype: torch.dtype, workspace: Workspace | None = None,
+    out_dtype: torch.dtype, workspace: Workspace | None = None, out: Tensor | None = None,
 ) -> Tensor:
     """The static merge of ``entry`` (see :func:`can_merge_in_chunks`) computed chunk by chunk of its entries.
 
@@ -356,19 +356,25 @@ def merge_in_chunks(
     chunk) and rounded to ``out_dtype``. The T chunks stay in the cache from reading to merging and no input is
     copied whole: about twice as fast as the whole stack for a large tensor, with the same values bit for bit
     (``tests/test_merge_in_chunks.py``). The inputs are not checked for NaN/Inf (:func:`check_inputs`).
+    The result goes into ``out`` (a contiguous tensor of the entry's shape and ``out_dtype``) when given.
     """
     n = math.prod(entry.shape)
     flat_pretrained, flat_tasks = pretrained.reshape(n), [task.reshape(n) for task in tasks]
     with_term, coefficients = _has_task_term(entry, method), _CoefFactory(method)
-    out = torch.empty(n, dtype=out_dtype, device=pretrained.device)
+    if out is None:
+        out = torch.empty(entry.shape, dtype=out_dtype, device=pretrained.device)
+    elif tuple(out.shape) != tuple(entry.shape) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(entry.shape)} {out_dtype} tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    flat_out = out.view(n)
     for start, stop in chunk_bounds(n):
         chunk = Entry(entry.name, entry.aliases, (stop - start,), None, True)
         sources = [{entry.name: task[start:stop]} for task in flat_tasks]
         base, vectors = _base_and_task_vectors(chunk, flat_pretrained[start:stop].to(dtype), sources, method, with_term,
                                                check=False, workspace=workspace)
         merged = MergedTensor(base) if vectors is None else MergedTensor(base, vectors, coefficients(len(tasks), base))
-        out[start:stop] = merged()
-    return out.view(entry.shape)
+        flat_out[start:stop] = merged()
+    return out
 
 
 def fit_transform(

@@ -91,6 +91,7 @@ def fuse_streaming(
     dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
     progress: bool = False,
+    reuse_outputs: bool = False,
     **options: Any,
 ) -> Iterator[tuple[tuple[str, ...], Tensor]]:
     """Yield ``(state-dict names, fused tensor)`` one tensor at a time: the values of ``merge(...).fuse()``.
@@ -105,6 +106,11 @@ def fuse_streaming(
     (default float32, float64 when ``weights`` holds float64 tensors). ``out_dtype``: the floating
     tensors come out in it, each rounded once (default: the dtype ``weights`` holds each in). So
     the values are those of ``merge(...).fuse()`` on models cast to ``dtype``, cast to the output dtype.
+
+    ``reuse_outputs``: a large tensor merged in chunks (:func:`~mergemodules.build.merge_in_chunks`) comes in one
+    reused buffer, which the next such tensor overwrites: for a consumer that is done with each tensor before it
+    takes the next, as a writer is (:func:`save_fused_streaming`). It spares a page fault per page of every
+    fresh output tensor.
     """
     check_floating_dtype(dtype, "dtype")
     check_floating_dtype(out_dtype, "out_dtype")
@@ -119,7 +125,8 @@ def fuse_streaming(
     out = output_dtypes(stored, out_dtype)
     # buffers in their output dtype: a merged one (a float64 mean) is then rounded once, straight to it
     buffers = merge_buffers({key: weights[key].to(out[key]) for key in buffers}, sources, setup.selected)
-    return _fused(entries, values, buffers, sources, setup.method, dtype, out, progress)
+    outputs = Workspace() if reuse_outputs else None
+    return _fused(entries, values, buffers, sources, setup.method, dtype, out, progress, outputs)
 
 
 def _mapped_inputs(entry: Entry, values: _EntryValues, sources: Sequence[_Converted]) -> tuple[Tensor, list[Tensor]] | None:
@@ -135,7 +142,7 @@ def _mapped_inputs(entry: Entry, values: _EntryValues, sources: Sequence[_Conver
 
 def _fused(
     entries: Sequence[Entry], values: _EntryValues, buffers: Mapping[str, Tensor], sources: Sequence[_Converted],
-    method: Method, dtype: torch.dtype, out: Mapping[str, torch.dtype], progress: bool,
+    method: Method, dtype: torch.dtype, out: Mapping[str, torch.dtype], progress: bool, outputs: Workspace | None,
 ) -> Iterator[tuple[tuple[str, ...], Tensor]]:
     check = not propagates_non_finite(method)  # else an input's NaN/Inf shows in the output: checked only then
     workspace = Workspace()  # each module is dropped before the next is built
@@ -153,7 +160,8 @@ def _fused(
         with torch.no_grad():
             if module is None:
                 pretrained, tasks = mapped.pop(entry.name)
-                fused = merge_in_chunks(entry, pretrained, tasks, method, dtype, out_dtype, workspace)
+                into = None if outputs is None else outputs.empty(entry.shape, out_dtype)
+                fused = merge_in_chunks(entry, pretrained, tasks, method, dtype, out_dtype, workspace, into)
                 del pretrained, tasks  # the maps are released with their tensors
             else:
                 fused = module().detach().to(out_dtype).contiguous()  # the one rounding
@@ -208,7 +216,8 @@ def save_fused_streaming(
     order = {key: i for i, key in enumerate(pretrained.state_dict())}  # the model's order, as save_pretrained's
     keys = sorted(stored, key=lambda key: order.get(key, len(order)))
     layout = {key: (tuple(stored[key].shape), out[key]) for key in keys}
-    tensors = fuse_streaming(pretrained, finetuned, method, weights=weights, out_dtype=out_dtype, **kwargs)
+    tensors = fuse_streaming(pretrained, finetuned, method, weights=weights, out_dtype=out_dtype, reuse_outputs=True,
+                             **kwargs)
     items = ((name, tensor) for names, tensor in tensors for name in names if name in layout)
     if shard_size is None:
         return write_safetensors(path, layout, items)

@@ -81,6 +81,36 @@ def test_a_non_finite_input_of_a_chunked_tensor_is_named(tmp_path):
         merge_to_state_dict(base, tasks, "task_arithmetic", weights=weights)
 
 
+def test_reused_outputs_share_one_buffer_and_hold_each_tensor_until_the_next(tmp_path):
+    base, weights, tasks = zoo(tmp_path, torch.float32)
+    fresh = merge_to_state_dict(base, tasks, "task_arithmetic", weights=weights)
+    storages, taken = set(), {}
+    for names, tensor in streaming.fuse_streaming(base, tasks, weights=weights, reuse_outputs=True):
+        if names[0] in ("conv.weight", "linear.weight"):
+            storages.add(tensor.untyped_storage().data_ptr())
+        taken.update((name, tensor.clone()) for name in names)  # a writer is done with it here
+    assert len(storages) == 1
+    assert all(torch.equal(taken[key], value) for key, value in fresh.items())
+
+
+def test_a_saved_merge_is_the_merge_with_its_outputs_reused(tmp_path):
+    base, weights, tasks = zoo(tmp_path, torch.bfloat16)
+    streaming.save_fused_streaming(tmp_path / "out.safetensors", base, tasks, "weight_averaging", weights=weights)
+    saved = SafetensorsCheckpoint(tmp_path / "out.safetensors")
+    fresh = merge_to_state_dict(base, tasks, "weight_averaging", weights=weights)
+    assert sorted(saved) == sorted(fresh) and all(torch.equal(saved[key], fresh[key]) for key in fresh)
+
+
+@pytest.mark.parametrize("out", [torch.empty(700, 1031, dtype=torch.float64), torch.empty(1031, 700),
+                                 torch.empty(1031, 700).t()])
+def test_an_out_tensor_of_another_shape_dtype_or_layout_is_refused(tmp_path, out):
+    base, weights, tasks = zoo(tmp_path, torch.float32, tasks=2)
+    entry = build.Entry("linear.weight", (), (700, 1031), build.Layout.OUT_IN, True)
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(700, 1031\) torch.float32 tensor"):
+        build.merge_in_chunks(entry, weights.view("linear.weight"), [t.view("linear.weight") for t in tasks],
+                              mm.get_method("weight_averaging"), torch.float32, torch.float32, out=out)
+
+
 def test_in_out_layouts_are_not_chunked():
     entry = build.Entry("w", (), (1024, 1024), build.Layout.IN_OUT, True)
     assert not build.can_merge_in_chunks(entry, mm.get_method("task_arithmetic"))

@@ -17,12 +17,17 @@ def stable_top(flat: torch.Tensor, k: int) -> torch.Tensor:
 
 @settings(max_examples=60, deadline=None)
 @given(T=st.integers(1, 4), n=st.integers(1, 40), fraction=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
-       levels=st.integers(1, 5))
-def test_top_entries_is_a_stable_sort(T: int, n: int, fraction: float, seed: int, levels: int) -> None:
+       levels=st.integers(1, 5), threads=st.integers(1, 3))
+def test_top_entries_is_a_stable_sort(T: int, n: int, fraction: float, seed: int, levels: int, threads: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     flat = torch.randint(-levels, levels + 1, (T, n), generator=gen).float()  # few values: many ties
     k = int(fraction * n)
-    kept = _top_entries(flat, k)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the tasks are trimmed a thread's worth at a time
+    try:
+        kept = _top_entries(flat, k)
+    finally:
+        torch.set_num_threads(before)
     assert torch.equal(kept, stable_top(flat, k))
     assert kept.sum(dim=1).tolist() == [k] * T
 
