@@ -21,6 +21,7 @@ from .decompose import compute_dtype, resolve_rank
 from .layers import MergedTensor, MergedWeight, BaseMerged, check_finite
 from .layouts import Layout
 from .methods import Method, Transform, get_method
+from .safetensors_files import release_mapped_pages
 from .sources import shapes_of
 from .targets import Entry, Patterns, is_selected, method_layout, plan
 
@@ -347,7 +348,7 @@ def can_merge_in_chunks(entry: Entry, method: Method) -> bool:
 
 def merge_in_chunks(
     entry: Entry, pretrained: Tensor, tasks: Sequence[Tensor], method: Method, dtype: torch.dtype,
-    out_dtype: torch.dtype, workspace: Workspace | None = None, out: Tensor | None = None,
+    out_dtype: torch.dtype, workspace: Workspace | None = None, out: Tensor | None = None, mapped: bool = False,
 ) -> Tensor:
     """The static merge of ``entry`` (see :func:`can_merge_in_chunks`) computed chunk by chunk of its entries.
 
@@ -357,6 +358,9 @@ def merge_in_chunks(
     copied whole: about twice as fast as the whole stack for a large tensor, with the same values bit for bit
     (``tests/test_merge_in_chunks.py``). The inputs are not checked for NaN/Inf (:func:`check_inputs`).
     The result goes into ``out`` (a contiguous tensor of the entry's shape and ``out_dtype``) when given.
+    ``mapped``: the inputs are maps from :func:`~mergemodules.safetensors_files.map_stored_tensor`, whose pages are
+    released once their chunk is merged (:func:`~mergemodules.safetensors_files.release_mapped_pages`): the
+    resident memory holds a chunk of each input, not T + 1 whole tensors.
     """
     n = math.prod(entry.shape)
     flat_pretrained, flat_tasks = pretrained.reshape(n), [task.reshape(n) for task in tasks]
@@ -374,6 +378,9 @@ def merge_in_chunks(
                                                check=False, workspace=workspace)
         merged = MergedTensor(base) if vectors is None else MergedTensor(base, vectors, coefficients(len(tasks), base))
         flat_out[start:stop] = merged()
+        if mapped:
+            for flat in (flat_pretrained, *flat_tasks):
+                release_mapped_pages(flat[start:stop])
     return out
 
 

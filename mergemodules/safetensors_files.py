@@ -9,6 +9,7 @@ Every output is atomic (:func:`mergemodules.files.atomic_write`). Below everythi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import mmap
 import math
@@ -116,6 +117,26 @@ def map_stored_tensor(path: str | os.PathLike, stored: StoredTensor) -> Tensor |
         mapped = mmap.mmap(f.fileno(), stored.stop - begin, offset=begin, access=mmap.ACCESS_COPY)
     raw = torch.frombuffer(mapped, dtype=torch.uint8, offset=stored.start - begin, count=stored.stop - stored.start)
     return raw.view(stored.dtype).view(stored.shape)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") and sys.platform == "linux" else None
+
+
+def release_mapped_pages(tensor: Tensor) -> None:
+    """Drop the memory pages that lie wholly inside ``tensor``, a contiguous slice of a tensor from
+    :func:`map_stored_tensor` that was only read, from this process (``madvise(MADV_DONTNEED)``; Linux, else nothing).
+
+    The page cache keeps them and a later read faults them in again with the file's values, so a caller that reads
+    a map once in pieces keeps a piece resident, not the tensor. Only for such maps: on other memory it discards
+    the values.
+    """
+    if _LIBC is None:
+        return
+    start = tensor.data_ptr()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first and _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED):
+        raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed on a mapped tensor")
 
 
 def read_stored_tensor(path: str | os.PathLike, stored: StoredTensor, out: Tensor | None = None) -> Tensor:

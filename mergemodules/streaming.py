@@ -161,7 +161,8 @@ def _fused(
             if module is None:
                 pretrained, tasks = mapped.pop(entry.name)
                 into = None if outputs is None else outputs.empty(entry.shape, out_dtype)
-                fused = merge_in_chunks(entry, pretrained, tasks, method, dtype, out_dtype, workspace, into)
+                fused = merge_in_chunks(entry, pretrained, tasks, method, dtype, out_dtype, workspace, into,
+                                        mapped=True)
                 del pretrained, tasks  # the maps are released with their tensors
             else:
                 fused = module().detach().to(out_dtype).contiguous()  # the one rounding

@@ -1,7 +1,9 @@
 """Large tensors of entrywise merges, merged chunk by chunk from memory-mapped inputs: the values of ``merge``."""
 from __future__ import annotations
 
+import mmap
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from torch import nn
 import mergemodules as mm
 from mergemodules import build, streaming
 from mergemodules.build import CHUNK, chunk_bounds
-from mergemodules.safetensors_files import map_stored_tensor, read_safetensors_layout
+from mergemodules.safetensors_files import map_stored_tensor, read_safetensors_layout, release_mapped_pages
 from mergemodules.sources import SafetensorsCheckpoint
 from mergemodules.streaming import merge_to_state_dict
 
@@ -129,6 +131,25 @@ def test_a_mapped_tensor_holds_the_stored_values_and_keeps_writes_private(tmp_pa
     assert torch.equal(mapped, values) and map_stored_tensor(path, layout["b"]) is None
     mapped[0, 0] = 99.0
     assert torch.equal(SafetensorsCheckpoint(path)["a"], values)  # the file is unchanged
+
+
+def _resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE / 2**20
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_DONTNEED) and /proc: Linux")
+def test_released_pages_leave_the_process_and_read_back_the_stored_values(tmp_path):
+    values = torch.randn(64, 2**18)  # 64 MiB
+    path = tmp_path / "x.safetensors"
+    save_file({"a": values}, path)
+    mapped = map_stored_tensor(path, read_safetensors_layout(path)["a"])
+    before = _resident_mib()
+    assert float(mapped.sum()) == float(values.sum())  # every page touched: resident
+    touched = _resident_mib()
+    for rows in mapped.split(8):
+        release_mapped_pages(rows)
+    assert touched - before > 56 and touched - _resident_mib() > 56, (before, touched, _resident_mib())
+    assert torch.equal(mapped, values)  # faulted in again from the page cache
 
 
 def test_a_file_shortened_since_its_header_is_an_error_naming_it(tmp_path):
