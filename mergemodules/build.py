@@ -21,6 +21,7 @@ from .decompose import compute_dtype, resolve_rank
 from .layers import MergedTensor, MergedWeight, BaseMerged, check_finite
 from .layouts import Layout
 from .methods import Method, Transform, get_method
+from .methods.ties import ChunkedTrim, Ties
 from .safetensors_files import release_mapped_pages
 from .sources import shapes_of
 from .targets import Entry, Patterns, is_selected, method_layout, plan
@@ -337,13 +338,19 @@ def chunk_bounds(n: int) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], n]))
 
 
+def trims_per_tensor(method: Method) -> bool:
+    """Whether ``method`` is TIES with mergekit's per-tensor trim, whose merge needs of a tensor only itself."""
+    return isinstance(method.transform, Ties) and method.transform.scope == "tensor" and method.matrices != "svd"
+
+
 def can_merge_in_chunks(entry: Entry, method: Method) -> bool:
     """Whether :func:`merge_in_chunks` gives ``entry`` the values of its module: a merged tensor of at least two
-    chunks, a method whose merge is entrywise (:func:`propagates_non_finite`) and a layout whose matrix keeps the
-    stored order (not ``in_out``, whose matrix is the transpose)."""
+    chunks, a method whose merge is entrywise (:func:`propagates_non_finite`) or TIES trimmed per tensor
+    (:func:`trims_per_tensor`), and a layout whose matrix keeps the stored order (not ``in_out``, whose matrix is
+    the transpose)."""
     layout = method_layout(entry, method.matrix_set)
-    return (entry.merged and propagates_non_finite(method) and layout is not Layout.IN_OUT
-            and math.prod(entry.shape) >= 2 * CHUNK)
+    return (entry.merged and (propagates_non_finite(method) or trims_per_tensor(method))
+            and layout is not Layout.IN_OUT and math.prod(entry.shape) >= 2 * CHUNK)
 
 
 def merge_in_chunks(
@@ -356,10 +363,12 @@ def merge_in_chunks(
     read): each chunk of them is cast to ``dtype``, merged as the entry's module merges (the same builder, on the
     chunk) and rounded to ``out_dtype``. The T chunks stay in the cache from reading to merging and no input is
     copied whole: about twice as fast as the whole stack for a large tensor, with the same values bit for bit
-    (``tests/test_merge_in_chunks.py``). The inputs are not checked for NaN/Inf (:func:`check_inputs`).
+    (``tests/test_merge_in_chunks.py``). The inputs of an entrywise merge are not checked for NaN/Inf
+    (:func:`check_inputs`); those of TIES are, on a first pass that finds each task's trim
+    (:class:`~mergemodules.methods.ties.ChunkedTrim`, two passes before the merge).
     The result goes into ``out`` (a contiguous tensor of the entry's shape and ``out_dtype``) when given.
     ``mapped``: the inputs are maps from :func:`~mergemodules.safetensors_files.map_stored_tensor`, whose pages are
-    released once their chunk is merged (:func:`~mergemodules.safetensors_files.release_mapped_pages`): the
+    released once their chunk is used (:func:`~mergemodules.safetensors_files.release_mapped_pages`): the
     resident memory holds a chunk of each input, not T + 1 whole tensors.
     """
     n = math.prod(entry.shape)
@@ -371,16 +380,28 @@ def merge_in_chunks(
         raise ValueError(f"out must be a contiguous {tuple(entry.shape)} {out_dtype} tensor, got "
                          f"{tuple(out.shape)} {out.dtype}")
     flat_out = out.view(n)
-    for start, stop in chunk_bounds(n):
-        chunk = Entry(entry.name, entry.aliases, (stop - start,), None, True)
-        sources = [{entry.name: task[start:stop]} for task in flat_tasks]
-        base, vectors = _base_and_task_vectors(chunk, flat_pretrained[start:stop].to(dtype), sources, method, with_term,
-                                               check=False, workspace=workspace)
-        merged = MergedTensor(base) if vectors is None else MergedTensor(base, vectors, coefficients(len(tasks), base))
-        flat_out[start:stop] = merged()
-        if mapped:
-            for flat in (flat_pretrained, *flat_tasks):
-                release_mapped_pages(flat[start:stop])
+
+    def chunks(check: bool = False) -> Iterator[tuple[slice, Tensor, Tensor | None]]:
+        """(entries, B, task vectors) of each chunk in turn; the task vectors lie in ``workspace``."""
+        for start, stop in chunk_bounds(n):
+            chunk = Entry(entry.name, entry.aliases, (stop - start,), None, True)
+            sources = [{entry.name: task[start:stop]} for task in flat_tasks]
+            yield slice(start, stop), *_base_and_task_vectors(chunk, flat_pretrained[start:stop].to(dtype), sources,
+                                                              method, with_term, check, workspace)
+            if mapped:
+                for flat in (flat_pretrained, *flat_tasks):
+                    release_mapped_pages(flat[start:stop])
+
+    trim = None
+    if trims_per_tensor(method):
+        passes = iter([True, False])  # the inputs are checked on the first pass
+        trim = ChunkedTrim(lambda: (vectors for _, _, vectors in chunks(next(passes))),
+                           int(method.transform.density * n))
+    for entries, base, vectors in chunks():
+        if trim is not None:
+            vectors = trim.vectors(vectors)
+        merged = MergedTensor(base, vectors, None if vectors is None else coefficients(len(vectors), base))
+        flat_out[entries] = merged()
     return out
 
 

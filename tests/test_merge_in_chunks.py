@@ -56,7 +56,9 @@ def test_chunks_tile_the_tensor_and_the_last_one_takes_the_remainder(n):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method, options", [("weight_averaging", {}), ("task_arithmetic", {"scaling": 0.3}),
-                                             ("adamerging", {"coefficients": "layer"})])
+                                             ("adamerging", {"coefficients": "layer"}),
+                                             ("ties", {"density": 0.2, "scope": "tensor"}),
+                                             ("ties", {"density": 1.0, "scope": "tensor"})])
 def test_chunked_merge_is_bit_identical_to_merge(tmp_path, monkeypatch, dtype, method, options):
     base, weights, tasks = zoo(tmp_path, dtype)
     chunked = []
@@ -113,13 +115,26 @@ def test_an_out_tensor_of_another_shape_dtype_or_layout_is_refused(tmp_path, out
                               mm.get_method("weight_averaging"), torch.float32, torch.float32, out=out)
 
 
+def test_a_non_finite_input_of_a_chunked_ties_tensor_is_named_before_any_merge(tmp_path):
+    base, weights, tasks = zoo(tmp_path, torch.bfloat16)
+    state = dict(tasks[1].items())
+    state["conv.weight"] = state["conv.weight"].clone()
+    state["conv.weight"][127, 63, 8, 8] = float("nan")  # the last entry: in the last chunk
+    save_file(state, tmp_path / "bad.safetensors")
+    tasks[1] = SafetensorsCheckpoint(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"finetuned\[1\]\['conv\.weight'\] contains NaN or Inf"):
+        merge_to_state_dict(base, tasks, "ties", weights=weights, scope="tensor")
+
+
 def test_in_out_layouts_are_not_chunked():
     entry = build.Entry("w", (), (1024, 1024), build.Layout.IN_OUT, True)
     assert not build.can_merge_in_chunks(entry, mm.get_method("task_arithmetic"))
     assert build.can_merge_in_chunks(build.Entry("w", (), (1024, 1024), build.Layout.OUT_IN, True),
                                      mm.get_method("task_arithmetic"))
     assert not build.can_merge_in_chunks(build.Entry("w", (), (1024, 1024), build.Layout.OUT_IN, True),
-                                         mm.get_method("ties"))  # not entrywise
+                                         mm.get_method("ties"))  # not entrywise: a threshold over the model
+    assert build.can_merge_in_chunks(build.Entry("w", (), (1024, 1024), build.Layout.OUT_IN, True),
+                                     mm.get_method("ties", scope="tensor"))  # a threshold per tensor
 
 
 def test_a_mapped_tensor_holds_the_stored_values_and_keeps_writes_private(tmp_path):

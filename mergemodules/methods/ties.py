@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
 from .base import TaskVectorProvider, Transform
 
-__all__ = ["Ties"]
+__all__ = ["Ties", "ChunkedTrim"]
 
 _BUCKET_BITS = 16
 _NUM_BUCKETS = 2**_BUCKET_BITS
@@ -129,6 +129,67 @@ class Ties(Transform):
         for (chunk, kept), out in zip(self._chunks(task_vectors), merged.split(_CHUNK)):
             out.copy_(_disjoint_mean(chunk, kept, zero_sign))
         return merged.view(1, *task_vectors.shape[1:])
+
+
+class ChunkedTrim:
+    """The per-tensor trim of :func:`_top_entries` (each task keeps exactly its ``k`` largest |τ| entries, the first
+    in order at a tie with the k-th) for a tensor seen chunk by chunk, never whole.
+
+    ``chunks()`` yields the (T, c) task-vector chunks in order, each call from the start. Two passes find each
+    task's k-th largest |τ| exactly: pass 1 counts the magnitudes per bucket of their top bits (monotone in the
+    value), pass 2 selects inside the one bucket that holds the k-th. Then :meth:`kept` gives the mask of each chunk
+    in turn, keeping the entries tied with the k-th by a running count.
+    """
+
+    def __init__(self, chunks: Callable[[], Iterable[Tensor]], k: int) -> None:
+        counts: Tensor | None = None
+        for chunk in chunks():
+            T = chunk.shape[0]
+            offsets = torch.arange(T, device=chunk.device)[:, None] * _NUM_BUCKETS  # one bincount for all tasks
+            found = torch.bincount((_buckets(_magnitudes(chunk)) + offsets).flatten(), minlength=T * _NUM_BUCKETS)
+            counts = found.cpu() if counts is None else counts + found.cpu()
+        if counts is None:
+            raise ValueError("ChunkedTrim needs at least one chunk")
+        counts = counts.view(T, _NUM_BUCKETS)
+        n = int(counts[0].sum())
+        self.seen = torch.zeros(T, dtype=torch.int64)  # entries tied with the k-th passed so far, per task
+        if not 0 < k < n:  # all or nothing kept: no threshold to find
+            self.thresholds = torch.full((T, 1), -1.0 if k >= n else float("inf"))
+            self.tied_kept = torch.zeros(T, dtype=torch.int64)
+            return
+        from_top = counts.flip(1).cumsum(1)  # entries at or above each bucket, highest bucket first
+        target = [_NUM_BUCKETS - 1 - int(torch.searchsorted(from_top[t], k)) for t in range(T)]
+        above = [int(from_top[t, _NUM_BUCKETS - 2 - b]) if b < _NUM_BUCKETS - 1 else 0 for t, b in enumerate(target)]
+        candidates: list[list[Tensor]] = [[] for _ in range(T)]
+        for chunk in chunks():
+            magnitudes = _magnitudes(chunk)
+            inside = _buckets(magnitudes) == torch.tensor(target, device=chunk.device)[:, None]
+            for t, values in enumerate(magnitudes[inside].split(inside.sum(dim=1).tolist())):
+                candidates[t].append(values)
+        thresholds, tied_kept = [], []
+        for t, values in enumerate(candidates):
+            inside = torch.cat(values)
+            threshold = inside.kthvalue(len(inside) - (k - above[t]) + 1).values  # the k-th largest of the task
+            thresholds.append(threshold)
+            tied_kept.append(k - above[t] - int((inside > threshold).sum()))
+        self.thresholds = torch.stack(thresholds).view(T, 1)
+        self.tied_kept = torch.tensor(tied_kept, dtype=torch.int64)
+
+    def vectors(self, chunk: Tensor) -> Tensor:
+        """The (1, c) disjoint mean of the next chunk's trimmed task vectors: :meth:`Ties.vectors` on it."""
+        return _disjoint_mean(chunk, self.kept(chunk), 1.0).view(1, -1)
+
+    def kept(self, chunk: Tensor) -> Tensor:
+        """The mask of the next chunk (the chunks of ``chunks()`` in their order, once each)."""
+        magnitudes = _magnitudes(chunk)
+        thresholds = self.thresholds.to(magnitudes.dtype)
+        kept = magnitudes >= thresholds
+        tied = (magnitudes == thresholds).sum(dim=1).cpu()
+        for t in (self.seen + tied > self.tied_kept).nonzero().flatten().tolist():  # more tied than kept: usually none
+            positions = (magnitudes[t] == thresholds[t]).nonzero().flatten()
+            kept[t, positions[max(int(self.tied_kept[t] - self.seen[t]), 0):]] = False  # the first ones stay
+        self.seen += tied
+        return kept
 
 
 def _top_entries(flat: Tensor, k: int) -> Tensor:

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergemodules.methods.ties import _disjoint_mean, _top_entries
+from mergemodules.methods.ties import ChunkedTrim, _disjoint_mean, _top_entries
 
 
 def stable_top(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -30,6 +30,18 @@ def test_top_entries_is_a_stable_sort(T: int, n: int, fraction: float, seed: int
         torch.set_num_threads(before)
     assert torch.equal(kept, stable_top(flat, k))
     assert kept.sum(dim=1).tolist() == [k] * T
+
+
+@settings(max_examples=80, deadline=None)
+@given(T=st.integers(1, 4), n=st.integers(1, 60), fraction=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
+       levels=st.integers(1, 5), chunk=st.integers(1, 25), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_the_chunked_trim_keeps_what_the_whole_tensor_trim_keeps(T, n, fraction, seed, levels, chunk, dtype) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    flat = (torch.randint(-levels, levels + 1, (T, n), generator=gen) * 0.37).to(dtype)  # many ties
+    k = int(fraction * n)
+    trim = ChunkedTrim(lambda: flat.split(chunk, dim=1), k)
+    kept = torch.cat([trim.kept(piece) for piece in flat.split(chunk, dim=1)], dim=1)
+    assert torch.equal(kept, _top_entries(flat, k))
 
 
 @settings(max_examples=40, deadline=None)
