@@ -182,7 +182,7 @@ class ChunkedTrim:
     def kept(self, chunk: Tensor) -> Tensor:
         """The mask of the next chunk (the chunks of ``chunks()`` in their order, once each)."""
         magnitudes = _magnitudes(chunk)
-        thresholds = self.thresholds.to(magnitudes.dtype)
+        thresholds = self.thresholds.to(magnitudes.device, magnitudes.dtype)
         kept = magnitudes >= thresholds
         tied = (magnitudes == thresholds).sum(dim=1).cpu()
         for t in (self.seen + tied > self.tied_kept).nonzero().flatten().tolist():  # more tied than kept: usually none
