@@ -76,28 +76,12 @@ class Ties(Transform):
         """
         if self.scope == "tensor":
             return self
-        counts: Tensor | None = None
-        for _, task_vectors, _ in provider():
-            buckets = _buckets(_magnitudes(task_vectors))
-            if counts is None:
-                counts = torch.zeros(buckets.shape[0], _NUM_BUCKETS, dtype=torch.int64)
-            for t, bucket in enumerate(buckets):
-                counts[t] += torch.bincount(bucket.flatten(), minlength=_NUM_BUCKETS).cpu()
-        if counts is None:
-            raise ValueError("TIES needs at least one merged tensor")
+        def vectors() -> Iterator[Tensor]:
+            return (task_vectors for _, task_vectors, _ in provider())
+
+        counts = _bucket_counts(vectors)
         keep = [self._kept(int(c.sum())) for c in counts]
-        from_top = counts.flip(1).cumsum(1)  # entries at or above each bucket, highest bucket first
-        target = [_NUM_BUCKETS - 1 - int(torch.searchsorted(from_top[t], keep[t])) for t in range(len(keep))]
-        above = [int(from_top[t, _NUM_BUCKETS - 2 - b]) if b < _NUM_BUCKETS - 1 else 0 for t, b in enumerate(target)]
-        candidates: list[list[Tensor]] = [[] for _ in keep]
-        for _, task_vectors, _ in provider():
-            magnitudes = _magnitudes(task_vectors)
-            for t, bucket in enumerate(_buckets(magnitudes)):
-                candidates[t].append(magnitudes[t][bucket == target[t]])
-        thresholds = []
-        for t, values in enumerate(candidates):
-            inside = torch.cat(values)
-            thresholds.append(float(torch.topk(inside, keep[t] - above[t], sorted=False).values.min()))
+        thresholds = [float(threshold) for threshold in _kth_largest(vectors, counts, keep)[0]]
         fitted = dataclasses.replace(self, thresholds=tuple(thresholds))
         signs = 0
         for _, task_vectors, _ in provider():
@@ -142,38 +126,16 @@ class ChunkedTrim:
     """
 
     def __init__(self, chunks: Callable[[], Iterable[Tensor]], k: int) -> None:
-        counts: Tensor | None = None
-        for chunk in chunks():
-            T = chunk.shape[0]
-            offsets = torch.arange(T, device=chunk.device)[:, None] * _NUM_BUCKETS  # one bincount for all tasks
-            found = torch.bincount((_buckets(_magnitudes(chunk)) + offsets).flatten(), minlength=T * _NUM_BUCKETS)
-            counts = found.cpu() if counts is None else counts + found.cpu()
-        if counts is None:
-            raise ValueError("ChunkedTrim needs at least one chunk")
-        counts = counts.view(T, _NUM_BUCKETS)
-        n = int(counts[0].sum())
+        counts = _bucket_counts(chunks)
+        T, n = counts.shape[0], int(counts[0].sum())
         self.seen = torch.zeros(T, dtype=torch.int64)  # entries tied with the k-th passed so far, per task
         if not 0 < k < n:  # all or nothing kept: no threshold to find
             self.thresholds = torch.full((T, 1), -1.0 if k >= n else float("inf"))
             self.tied_kept = torch.zeros(T, dtype=torch.int64)
             return
-        from_top = counts.flip(1).cumsum(1)  # entries at or above each bucket, highest bucket first
-        target = [_NUM_BUCKETS - 1 - int(torch.searchsorted(from_top[t], k)) for t in range(T)]
-        above = [int(from_top[t, _NUM_BUCKETS - 2 - b]) if b < _NUM_BUCKETS - 1 else 0 for t, b in enumerate(target)]
-        candidates: list[list[Tensor]] = [[] for _ in range(T)]
-        for chunk in chunks():
-            magnitudes = _magnitudes(chunk)
-            inside = _buckets(magnitudes) == torch.tensor(target, device=chunk.device)[:, None]
-            for t, values in enumerate(magnitudes[inside].split(inside.sum(dim=1).tolist())):
-                candidates[t].append(values)
-        thresholds, tied_kept = [], []
-        for t, values in enumerate(candidates):
-            inside = torch.cat(values)
-            threshold = inside.kthvalue(len(inside) - (k - above[t]) + 1).values  # the k-th largest of the task
-            thresholds.append(threshold)
-            tied_kept.append(k - above[t] - int((inside > threshold).sum()))
-        self.thresholds = torch.stack(thresholds).view(T, 1)
-        self.tied_kept = torch.tensor(tied_kept, dtype=torch.int64)
+        thresholds, greater = _kth_largest(chunks, counts, [k] * T)
+        self.thresholds = thresholds.view(T, 1)
+        self.tied_kept = torch.tensor([k - g for g in greater], dtype=torch.int64)
 
     def vectors(self, chunk: Tensor) -> Tensor:
         """The (1, c) disjoint mean of the next chunk's trimmed task vectors: :meth:`Ties.vectors` on it."""
@@ -190,6 +152,45 @@ class ChunkedTrim:
             kept[t, positions[max(int(self.tied_kept[t] - self.seen[t]), 0):]] = False  # the first ones stay
         self.seen += tied
         return kept
+
+
+def _bucket_counts(chunks: Callable[[], Iterable[Tensor]]) -> Tensor:
+    """(T, buckets): how many |τ| of each task fall in each bucket (:func:`_buckets`) over the (T, ...) task-vector
+    chunks of ``chunks()``."""
+    counts: Tensor | None = None
+    for chunk in chunks():
+        buckets = _buckets(_magnitudes(chunk)).reshape(chunk.shape[0], -1)  # a fresh tensor: shifted in place
+        buckets += torch.arange(buckets.shape[0], dtype=buckets.dtype, device=buckets.device)[:, None] * _NUM_BUCKETS
+        found = torch.bincount(buckets.flatten(), minlength=buckets.shape[0] * _NUM_BUCKETS).cpu()  # all tasks at once
+        counts = found if counts is None else counts + found
+    if counts is None:
+        raise ValueError("TIES needs at least one merged tensor")
+    return counts.view(-1, _NUM_BUCKETS)
+
+
+def _kth_largest(
+    chunks: Callable[[], Iterable[Tensor]], counts: Tensor, keep: list[int]
+) -> tuple[Tensor, list[int]]:
+    """Per task t, the ``keep[t]``-th largest |τ_t| over the chunks of ``chunks()`` (1 ≤ keep[t] ≤ its entries),
+    exactly, and how many entries exceed it: ``counts`` (:func:`_bucket_counts`) gives the bucket that holds it, one
+    more pass keeps only that bucket's entries, and the select runs there."""
+    T = counts.shape[0]
+    from_top = counts.flip(1).cumsum(1)  # entries at or above each bucket, highest bucket first
+    target = [_NUM_BUCKETS - 1 - int(torch.searchsorted(from_top[t], keep[t])) for t in range(T)]
+    above = [int(from_top[t, _NUM_BUCKETS - 2 - b]) if b < _NUM_BUCKETS - 1 else 0 for t, b in enumerate(target)]
+    candidates: list[list[Tensor]] = [[] for _ in range(T)]
+    for chunk in chunks():
+        magnitudes = _magnitudes(chunk).reshape(T, -1)
+        inside = _buckets(magnitudes) == torch.tensor(target, device=magnitudes.device)[:, None]
+        for t, values in enumerate(magnitudes[inside].split(inside.sum(dim=1).tolist())):
+            candidates[t].append(values)
+    thresholds, greater = [], []
+    for t, values in enumerate(candidates):
+        inside = torch.cat(values)
+        threshold = inside.kthvalue(len(inside) - (keep[t] - above[t]) + 1).values  # the keep[t]-th largest
+        thresholds.append(threshold)
+        greater.append(above[t] + int((inside > threshold).sum()))
+    return torch.stack(thresholds), greater
 
 
 def _top_entries(flat: Tensor, k: int) -> Tensor:
