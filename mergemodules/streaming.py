@@ -6,9 +6,9 @@ builds each tensor's merged module with the same builder (``build.iter_merged_te
 evaluates it, hands out the fused tensor and drops the module. With lazy checkpoints
 (:class:`~mergemodules.sources.SafetensorsCheckpoint`) and :func:`save_fused_streaming`, peak
 memory is about one tensor's values of all tasks plus its factors. A large tensor of an entrywise
-merge (weight averaging, task arithmetic, AdaMerging's initial λ) is merged chunk by chunk straight
-from its memory-mapped inputs (:func:`~mergemodules.build.merge_in_chunks`: the same values, bit for
-bit): then only T chunks of 1 MiB are held besides the fused tensor.
+merge (weight averaging, task arithmetic, AdaMerging's initial λ) or of per-tensor TIES is merged
+chunk by chunk straight from its memory-mapped inputs (:func:`~mergemodules.build.merge_in_chunks`:
+the same values, bit for bit): then only T chunks of 1 MiB are held besides the fused tensor.
 
 Precision: every tensor is merged in ``dtype`` (default float32, float64 for float64 checkpoints)
 from the checkpoints' values cast to it, and the fused tensor is rounded once to its output dtype
@@ -148,7 +148,7 @@ def _fused(
     workspace = Workspace()  # each module is dropped before the next is built
     mapped: dict[str, tuple[Tensor, list[Tensor]]] = {}
 
-    def in_chunks(entry: Entry) -> bool:  # a large tensor of an entrywise merge, its inputs mapped from their files
+    def in_chunks(entry: Entry) -> bool:  # a large tensor merged in chunks, its inputs mapped from their files
         inputs = _mapped_inputs(entry, values, sources) if can_merge_in_chunks(entry, method) else None
         if inputs is not None:
             mapped[entry.name] = inputs
