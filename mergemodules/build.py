@@ -28,7 +28,7 @@ from .targets import Entry, Patterns, is_selected, method_layout, plan
 
 __all__ = [
     "Preparation", "prepare", "fit_transform", "iter_merged_tensors", "check_sources",
-    "as_source", "persistent_buffers", "merge_buffers", "propagates_non_finite", "check_inputs",
+    "as_source", "persistent_buffers", "merge_buffers", "propagates_non_finite", "uses_pretrained", "check_inputs",
     "Workspace",
 ]
 
@@ -223,9 +223,17 @@ def propagates_non_finite(method: Method) -> bool:
     return type(method.transform) is Transform and method.matrices != "svd" and method.scaling != 0
 
 
-def check_inputs(entry: Entry, pretrained: Tensor, sources: Sequence[Source]) -> None:
+def uses_pretrained(entry: Entry, method: Method) -> bool:
+    """Whether the merge of ``entry`` uses its pretrained values: not for a merged tensor of a method whose base is
+    the average of the fine-tuned values (weight averaging, CART). Unused values are not checked for NaN/Inf, and a
+    tensor merged in chunks does not read them (:func:`merge_in_chunks`)."""
+    return not entry.merged or method.base == "pretrained"
+
+
+def check_inputs(entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method) -> None:
     """Raise the error the checks while building give for the first input of ``entry`` holding NaN or Inf."""
-    check_finite(pretrained, f"pretrained[{entry.name!r}]")
+    if uses_pretrained(entry, method):
+        check_finite(pretrained, f"pretrained[{entry.name!r}]")
     if entry.merged:
         for i, source in enumerate(sources):
             label = f"finetuned[{i}]"
@@ -234,20 +242,22 @@ def check_inputs(entry: Entry, pretrained: Tensor, sources: Sequence[Source]) ->
 
 def _base_and_task_vectors(
     entry: Entry, pretrained: Tensor, sources: Sequence[Source], method: Method, vectors: bool = True,
-    check: bool = True, workspace: Workspace | None = None,
+    check: bool = True, workspace: Workspace | None = None, dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """B and the task vectors θ_t − B of one tensor in float32 (float64 for float64 models), B in its parameter layout.
+    """B and the task vectors θ_t − B of one tensor in ``dtype`` (default: float32, float64 for float64 models), B in
+    its parameter layout.
 
     With ``vectors=False`` (a tensor without task term, e.g. under weight averaging) only B is computed.
     ``check=False``: the inputs the result is computed from are not checked for NaN/Inf (:func:`check_inputs`).
+    Where B is the average, ``pretrained`` gives only the shape and device: its values are not read.
     The task vectors lie in ``workspace`` when given.
     """
-    check_finite(pretrained, f"pretrained[{entry.name!r}]", check or method.base != "pretrained")
-    dtype = compute_dtype(pretrained.dtype)
+    check_finite(pretrained, f"pretrained[{entry.name!r}]", check and method.base == "pretrained")
+    dtype = compute_dtype(pretrained.dtype) if dtype is None else dtype
     if not vectors and method.base == "pretrained":
         return pretrained.to(dtype), None  # the fine-tuned values are not used: not read
     values = _task_values(entry, sources, pretrained, dtype, check, workspace)
-    base = pretrained.to(dtype) if method.base == "pretrained" else values.mean(dim=0)
+    base = pretrained.to(dtype) if method.base == "pretrained" else average(values)
     if not vectors:
         return base, None
     return base, values.sub_(base)  # in place: the stack is a fresh copy, and one T-fold copy is enough
@@ -381,16 +391,28 @@ def merge_in_chunks(
                          f"{tuple(out.shape)} {out.dtype}")
     flat_out = out.view(n)
 
+    def release(start: int, stop: int) -> None:
+        if mapped:
+            for flat in (flat_pretrained, *flat_tasks):
+                release_mapped_pages(flat[start:stop])
+
+    if method.base == "average" and not with_term:  # weight averaging: the mean, summed straight from the inputs
+        for start, stop in chunk_bounds(n):
+            _average_into(flat_out[start:stop], [task[start:stop].to(dtype) for task in flat_tasks], dtype, workspace)
+            release(start, stop)
+        return out
+
     def chunks(check: bool = False) -> Iterator[tuple[slice, Tensor, Tensor | None]]:
         """(entries, B, task vectors) of each chunk in turn; the task vectors lie in ``workspace``."""
         for start, stop in chunk_bounds(n):
             chunk = Entry(entry.name, entry.aliases, (stop - start,), None, True)
-            sources = [{entry.name: task[start:stop]} for task in flat_tasks]
-            yield slice(start, stop), *_base_and_task_vectors(chunk, flat_pretrained[start:stop].to(dtype), sources,
-                                                              method, with_term, check, workspace)
-            if mapped:
-                for flat in (flat_pretrained, *flat_tasks):
-                    release_mapped_pages(flat[start:stop])
+            sources = [{entry.name: task[start:stop].to(dtype)} for task in flat_tasks]
+            pretrained_chunk = flat_pretrained[start:stop]
+            if uses_pretrained(entry, method):  # else not read: its cast would read it
+                pretrained_chunk = pretrained_chunk.to(dtype)
+            yield slice(start, stop), *_base_and_task_vectors(chunk, pretrained_chunk, sources, method, with_term,
+                                                              check, workspace, compute_dtype(dtype))
+            release(start, stop)
 
     trim = None
     if trims_per_tensor(method):
@@ -400,9 +422,30 @@ def merge_in_chunks(
     for entries, base, vectors in chunks():
         if trim is not None:
             vectors = trim.vectors(vectors)
-        merged = MergedTensor(base, vectors, None if vectors is None else coefficients(len(vectors), base))
-        flat_out[entries] = merged()
+        coef = None if vectors is None else coefficients(len(vectors), base)
+        flat_out[entries] = MergedTensor(base.to(dtype), vectors, coef)()  # in ``dtype``, as the entry's module
     return out
+
+
+def average(values: Tensor | Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+    """The mean of ``values`` (tensors, or a stack's rows) summed in order and divided by their number, into ``out``
+    when given: the average of weight averaging and CART, mergekit's ``linear`` bit for bit at any number of tasks
+    (torch's ``mean(dim=0)`` sums more than 16 rows, and a tensor's last columns, in another order)."""
+    total = values[0].clone() if out is None else out.copy_(values[0])
+    for value in values[1:]:
+        total.add_(value)
+    return total.div_(len(values))
+
+
+def _average_into(out: Tensor, values: Sequence[Tensor], dtype: torch.dtype, workspace: Workspace | None) -> None:
+    """``out`` = :func:`average` of ``values`` (in ``dtype``) as a merge in ``dtype`` gives it: in its compute dtype,
+    rounded to ``dtype``; straight from the inputs, without the stack's copy of each."""
+    compute = compute_dtype(dtype)
+    if out.dtype == compute == dtype:
+        average(values, out)
+        return
+    total = torch.empty(out.shape, dtype=compute) if workspace is None else workspace.empty(out.shape, compute)
+    out.copy_(average(values, total).to(dtype))
 
 
 def fit_transform(

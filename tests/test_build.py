@@ -144,15 +144,21 @@ def test_a_non_finite_input_is_named_when_checks_are_deferred(tmp_path: Path, me
         merge_to_state_dict(base, tasks, method, weights=weights)
 
 
-def test_a_non_finite_pretrained_tensor_is_named_also_where_the_merge_does_not_use_it(tmp_path: Path) -> None:
-    base, _, tasks = lazy_zoo(tmp_path, torch.float32)
+def test_a_non_finite_pretrained_tensor_is_named_where_the_merge_uses_it_and_not_read_where_it_does_not(
+    tmp_path: Path,
+) -> None:
+    """The average of the tasks (weight averaging, CART) does not use the pretrained values of a merged tensor."""
+    base, clean, tasks = lazy_zoo(tmp_path, torch.float32)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     state["0.bias"][0] = float("nan")
     save_file(state, tmp_path / "bad.safetensors")
     weights = SafetensorsCheckpoint(tmp_path / "bad.safetensors")
-    for method in ("weight_averaging", "task_arithmetic"):  # the average of the tasks does not read it
-        with pytest.raises(ValueError, match=r"pretrained\['0\.bias'\] contains NaN or Inf"):
-            merge_to_state_dict(base, tasks, method, weights=weights)
+    with pytest.raises(ValueError, match=r"pretrained\['0\.bias'\] contains NaN or Inf"):
+        merge_to_state_dict(base, tasks, "task_arithmetic", weights=weights)
+    for method in ("weight_averaging", "cart"):
+        merged = merge_to_state_dict(base, tasks, method, weights=weights)
+        expected = merge_to_state_dict(base, tasks, method, weights=clean)
+        assert all(torch.equal(merged[key], value) for key, value in expected.items()), method
 
 
 def test_an_overflowing_output_of_finite_inputs_names_the_output(tmp_path: Path) -> None:

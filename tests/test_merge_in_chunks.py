@@ -74,6 +74,37 @@ def test_chunked_merge_is_bit_identical_to_merge(tmp_path, monkeypatch, dtype, m
         assert torch.equal(streamed[key], value.to(dtype)), key
 
 
+@pytest.mark.parametrize("stored, dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize("method, options", [("weight_averaging", {}), ("task_arithmetic", {"scaling": 0.3}),
+                                             ("ties", {"density": 0.2, "scope": "tensor"})])
+def test_a_chunked_merge_in_another_dtype_than_stored_is_the_whole_tensor_merge(tmp_path, monkeypatch, stored, dtype,
+                                                                               method, options):
+    """The inputs are cast to ``dtype`` and the result rounded to it, as for a tensor merged whole."""
+    base, weights, tasks = zoo(tmp_path, stored)
+    chunked = merge_to_state_dict(base, tasks, method, weights=weights, dtype=dtype, **options)
+    monkeypatch.setattr(streaming, "can_merge_in_chunks", lambda entry, method: False)
+    whole = merge_to_state_dict(base, tasks, method, weights=weights, dtype=dtype, **options)
+    assert all(torch.equal(chunked[key], value) for key, value in whole.items())
+
+
+@given(st.integers(1, 20), st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+       st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), st.integers(0, 2 ** 31))
+def test_the_average_is_summed_in_order_and_rounded_to_the_merge_dtype(tasks, dtype, out_dtype, seed):
+    """Summed as mergekit's linear merge sums (torch's mean(dim=0) reorders more than 16 rows and the last columns)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = [(torch.randn(1003, generator=generator) * 10.0 ** torch.randint(-3, 4, (1003,), generator=generator))
+              .to(dtype) for _ in range(tasks)]
+    total = torch.zeros(1003, dtype=build.compute_dtype(dtype))
+    for value in values:
+        total = total + value
+    expected = (total / tasks).to(dtype).to(out_dtype)
+    out = torch.empty(1003, dtype=out_dtype)
+    build._average_into(out, values, dtype, None)
+    assert torch.equal(out, expected)
+    stacked = torch.stack([v.to(total.dtype) for v in values])
+    assert torch.equal(build.average(stacked).to(dtype).to(out_dtype), expected)
+
+
 def test_a_non_finite_input_of_a_chunked_tensor_is_named(tmp_path):
     base, weights, tasks = zoo(tmp_path, torch.float32)
     state = dict(tasks[2].items())
@@ -83,6 +114,20 @@ def test_a_non_finite_input_of_a_chunked_tensor_is_named(tmp_path):
     tasks[2] = SafetensorsCheckpoint(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=r"finetuned\[2\]\['linear\.weight'\] contains NaN or Inf"):
         merge_to_state_dict(base, tasks, "task_arithmetic", weights=weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_average_based_chunked_merge_does_not_read_the_pretrained_values(tmp_path, dtype):
+    """Weight averaging and CART's base is the average of the tasks: a NaN pretrained tensor changes nothing."""
+    base, weights, tasks = zoo(tmp_path, dtype)
+    entry = build.Entry("linear.weight", (), (700, 1031), build.Layout.OUT_IN, True)
+    inputs = [t.view("linear.weight") for t in tasks]
+    method = mm.get_method("weight_averaging")
+    clean = build.merge_in_chunks(entry, weights.view("linear.weight"), inputs, method, torch.float32, dtype)
+    poisoned = torch.full((700, 1031), float("nan"), dtype=dtype)
+    assert torch.equal(build.merge_in_chunks(entry, poisoned, inputs, method, torch.float32, dtype), clean)
+    arithmetic = build.merge_in_chunks(entry, poisoned, inputs, mm.get_method("task_arithmetic"), torch.float32, dtype)
+    assert arithmetic.isnan().all()  # task arithmetic adds to the pretrained values
 
 
 def test_reused_outputs_share_one_buffer_and_hold_each_tensor_until_the_next(tmp_path):
