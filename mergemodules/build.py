@@ -353,11 +353,19 @@ def trims_per_tensor(method: Method) -> bool:
     return isinstance(method.transform, Ties) and method.transform.scope == "tensor" and method.matrices != "svd"
 
 
+def is_average(entry: Entry, method: Method) -> bool:
+    """Whether the merged value of ``entry`` is the average of the tasks' values (:func:`average`), as under weight
+    averaging."""
+    return entry.merged and method.base == "average" and not _has_task_term(entry, method)
+
+
 def can_merge_in_chunks(entry: Entry, method: Method) -> bool:
-    """Whether :func:`merge_in_chunks` gives ``entry`` the values of its module: a merged tensor of at least two
-    chunks, a method whose merge is entrywise (:func:`propagates_non_finite`) or TIES trimmed per tensor
-    (:func:`trims_per_tensor`), and a layout whose matrix keeps the stored order (not ``in_out``, whose matrix is
-    the transpose)."""
+    """Whether :func:`merge_in_chunks` gives ``entry`` the values of its module: an average (:func:`is_average`,
+    any size: summed in order, its chunks do not change it), or a merged tensor of at least two chunks, a method
+    whose merge is entrywise (:func:`propagates_non_finite`) or TIES trimmed per tensor (:func:`trims_per_tensor`),
+    and a layout whose matrix keeps the stored order (not ``in_out``, whose matrix is the transpose)."""
+    if is_average(entry, method):
+        return True
     layout = method_layout(entry, method.matrix_set)
     return (entry.merged and (propagates_non_finite(method) or trims_per_tensor(method))
             and layout is not Layout.IN_OUT and math.prod(entry.shape) >= 2 * CHUNK)
@@ -396,7 +404,7 @@ def merge_in_chunks(
             for flat in (flat_pretrained, *flat_tasks):
                 release_mapped_pages(flat[start:stop])
 
-    if method.base == "average" and not with_term:  # weight averaging: the mean, summed straight from the inputs
+    if is_average(entry, method):  # summed straight from the inputs, no stack
         for start, stop in chunk_bounds(n):
             _average_into(flat_out[start:stop], [task[start:stop].to(dtype) for task in flat_tasks], dtype, workspace)
             release(start, stop)
