@@ -303,7 +303,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, dtype, T, ours, mk, rss_ours, rss_mk, rate_ours, rate_mk, disk_ours, disk_mk, same, worst, shards \
             in rows:
-        print(f"| {name} | {dtype} | {T} | {ours:.1f} | {mk:.1f} | {ours / mk:.2f}× | {rss_ours:.0f} | {rss_mk:.0f} "
+        print(f"| {name} | {dtype} | {T} | {ours:.3g} | {mk:.3g} | {ours / mk:.2f}× | {rss_ours:.0f} | {rss_mk:.0f} "
               f"| {rate_ours / 1e6:.0f} | {rate_mk / 1e6:.0f} | {disk_ours / 1e9:.2f} | {disk_mk / 1e9:.2f} | "
               f"{same:.0%} | {worst:.2e} | {shards} |")
     print("\n| dtype | T | input files (GB) | cat, first read (MB/s) | cat, second read (MB/s) |")

@@ -406,7 +406,8 @@ def merge_in_chunks(
 
     if is_average(entry, method):  # summed straight from the inputs, no stack
         for start, stop in chunk_bounds(n):
-            _average_into(flat_out[start:stop], [task[start:stop].to(dtype) for task in flat_tasks], dtype, workspace)
+            _average_into(flat_out[start:stop], [_read_as(task[start:stop], dtype) for task in flat_tasks], dtype,
+                          workspace)
             release(start, stop)
         return out
 
@@ -414,10 +415,10 @@ def merge_in_chunks(
         """(entries, B, task vectors) of each chunk in turn; the task vectors lie in ``workspace``."""
         for start, stop in chunk_bounds(n):
             chunk = Entry(entry.name, entry.aliases, (stop - start,), None, True)
-            sources = [{entry.name: task[start:stop].to(dtype)} for task in flat_tasks]
+            sources = [{entry.name: _read_as(task[start:stop], dtype)} for task in flat_tasks]
             pretrained_chunk = flat_pretrained[start:stop]
-            if uses_pretrained(entry, method):  # else not read: its cast would read it
-                pretrained_chunk = pretrained_chunk.to(dtype)
+            if uses_pretrained(entry, method):  # else not read: a cast would read it
+                pretrained_chunk = _read_as(pretrained_chunk, dtype)
             yield slice(start, stop), *_base_and_task_vectors(chunk, pretrained_chunk, sources, method, with_term,
                                                               check, workspace, compute_dtype(dtype))
             release(start, stop)
@@ -433,6 +434,13 @@ def merge_in_chunks(
         coef = None if vectors is None else coefficients(len(vectors), base)
         flat_out[entries] = MergedTensor(base.to(dtype), vectors, coef)()  # in ``dtype``, as the entry's module
     return out
+
+
+def _read_as(chunk: Tensor, dtype: torch.dtype) -> Tensor:
+    """A stored chunk as a merge in ``dtype`` takes it: as stored where its values convert to the compute dtype
+    exactly (the merge converts them on the fly, into its stack or sum), else rounded to ``dtype`` first."""
+    compute = compute_dtype(dtype)
+    return chunk if dtype == compute == torch.promote_types(chunk.dtype, compute) else chunk.to(dtype)
 
 
 def average(values: Tensor | Sequence[Tensor], out: Tensor | None = None) -> Tensor:

@@ -75,7 +75,8 @@ def test_chunked_merge_is_bit_identical_to_merge(tmp_path, monkeypatch, dtype, m
         assert torch.equal(streamed[key], value.to(dtype)), key
 
 
-@pytest.mark.parametrize("stored, dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize("stored, dtype", [(torch.float32, torch.bfloat16), (torch.float64, torch.float32),
+                                           (torch.bfloat16, torch.float64)])
 @pytest.mark.parametrize("method, options", [("weight_averaging", {}), ("task_arithmetic", {"scaling": 0.3}),
                                              ("ties", {"density": 0.2, "scope": "tensor"})])
 def test_a_chunked_merge_in_another_dtype_than_stored_is_the_whole_tensor_merge(tmp_path, monkeypatch, stored, dtype,
@@ -104,6 +105,16 @@ def test_the_average_is_summed_in_order_and_rounded_to_the_merge_dtype(tasks, dt
     assert torch.equal(out, expected)
     stacked = torch.stack([v.to(total.dtype) for v in values])
     assert torch.equal(build.average(stacked).to(dtype).to(out_dtype), expected)
+
+
+def test_float64_inputs_averaged_in_float32_are_rounded_before_they_are_summed():
+    """Each input is first rounded to the merge dtype, as in the whole-tensor merge of models cast to it."""
+    generator = torch.Generator().manual_seed(0)
+    pretrained, *tasks = [torch.randn(700, 1031, generator=generator, dtype=torch.float64) for _ in range(4)]
+    entry = build.Entry("w", (), (700, 1031), build.Layout.OUT_IN, True)
+    averaged = build.merge_in_chunks(entry, pretrained, tasks, mm.get_method("weight_averaging"), torch.float32,
+                                     torch.float64)
+    assert torch.equal(averaged, build.average([t.float() for t in tasks]).double())
 
 
 def test_a_non_finite_input_of_a_chunked_tensor_is_named(tmp_path):
