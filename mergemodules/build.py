@@ -379,9 +379,11 @@ def merge_in_chunks(
 
     ``pretrained`` and ``tasks`` are the stored tensors (any dtype, e.g. mapped from their files without being
     read): each chunk of them is cast to ``dtype``, merged as the entry's module merges (the same builder, on the
-    chunk) and rounded to ``out_dtype``. The T chunks stay in the cache from reading to merging and no input is
-    copied whole: about twice as fast as the whole stack for a large tensor, with the same values bit for bit
-    (``tests/test_merge_in_chunks.py``). The inputs of an entrywise merge are not checked for NaN/Inf
+    chunk) in the compute dtype, rounded to ``dtype`` and then to ``out_dtype``. The T chunks stay in the cache
+    from reading to merging and no input is copied whole: about twice as fast as the whole stack for a large
+    tensor, with the same values bit for bit (``tests/test_merge_in_chunks.py``) — except in a half ``dtype``,
+    where the module of a tensor merged whole computes in that dtype and this sums in float32 before rounding
+    (weight averaging: the same values, rounded once either way). The inputs of an entrywise merge are not checked for NaN/Inf
     (:func:`check_inputs`); those of TIES are, on a first pass that finds each task's trim
     (:class:`~mergemodules.methods.ties.ChunkedTrim`, two passes before the merge).
     The result goes into ``out`` (a contiguous tensor of the entry's shape and ``out_dtype``) when given.
@@ -432,7 +434,7 @@ def merge_in_chunks(
         if trim is not None:
             vectors = trim.vectors(vectors)
         coef = None if vectors is None else coefficients(len(vectors), base)
-        flat_out[entries] = MergedTensor(base.to(dtype), vectors, coef)()  # in ``dtype``, as the entry's module
+        flat_out[entries] = MergedTensor(base, vectors, coef)().to(dtype)  # accumulated in float32, rounded to dtype
     return out
 
 

@@ -75,18 +75,29 @@ def test_chunked_merge_is_bit_identical_to_merge(tmp_path, monkeypatch, dtype, m
         assert torch.equal(streamed[key], value.to(dtype)), key
 
 
-@pytest.mark.parametrize("stored, dtype", [(torch.float32, torch.bfloat16), (torch.float64, torch.float32),
-                                           (torch.bfloat16, torch.float64)])
 @pytest.mark.parametrize("method, options", [("weight_averaging", {}), ("task_arithmetic", {"scaling": 0.3}),
                                              ("ties", {"density": 0.2, "scope": "tensor"})])
-def test_a_chunked_merge_in_another_dtype_than_stored_is_the_whole_tensor_merge(tmp_path, monkeypatch, stored, dtype,
-                                                                               method, options):
-    """The inputs are cast to ``dtype`` and the result rounded to it, as for a tensor merged whole."""
-    base, weights, tasks = zoo(tmp_path, stored)
-    chunked = merge_to_state_dict(base, tasks, method, weights=weights, dtype=dtype, **options)
+def test_a_chunked_merge_in_float32_of_float64_inputs_is_the_whole_tensor_merge(tmp_path, monkeypatch, method,
+                                                                               options):
+    """The inputs are rounded to ``dtype`` first, as for a tensor merged whole."""
+    base, weights, tasks = zoo(tmp_path, torch.float64)
+    chunked = merge_to_state_dict(base, tasks, method, weights=weights, dtype=torch.float32, **options)
     monkeypatch.setattr(streaming, "can_merge_in_chunks", lambda entry, method: False)
-    whole = merge_to_state_dict(base, tasks, method, weights=weights, dtype=dtype, **options)
+    whole = merge_to_state_dict(base, tasks, method, weights=weights, dtype=torch.float32, **options)
     assert all(torch.equal(chunked[key], value) for key, value in whole.items())
+
+
+@pytest.mark.parametrize("method, options", [("weight_averaging", {}), ("task_arithmetic", {"scaling": 0.3}),
+                                             ("ties", {"density": 0.2, "scope": "tensor"})])
+def test_a_chunked_merge_in_bfloat16_sums_the_rounded_inputs_in_float32_and_rounds_once(tmp_path, method, options):
+    """float32 checkpoints merged with ``dtype=bfloat16``: the float32 merge of the inputs rounded to bfloat16,
+    rounded to bfloat16 (a tensor merged whole computes in bfloat16 instead)."""
+    base, weights, tasks = zoo(tmp_path, torch.float32)
+    chunked = merge_to_state_dict(base, tasks, method, weights=weights, dtype=torch.bfloat16, **options)
+    rounded = [{k: v.bfloat16().float() for k, v in state.items()} for state in (weights, *tasks)]
+    expected = merge_to_state_dict(base, rounded[1:], method, weights=rounded[0], dtype=torch.float32, **options)
+    for key in ("conv.weight", "linear.weight"):
+        assert torch.equal(chunked[key], expected[key].bfloat16().float()), key
 
 
 @given(st.integers(1, 20), st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
