@@ -383,9 +383,9 @@ def merge_in_chunks(
     from reading to merging and no input is copied whole: about twice as fast as the whole stack for a large
     tensor, with the same values bit for bit (``tests/test_merge_in_chunks.py``) — except in a half ``dtype``,
     where the module of a tensor merged whole computes in that dtype and this sums in float32 before rounding
-    (weight averaging: the same values, rounded once either way). The inputs of an entrywise merge are not checked for NaN/Inf
-    (:func:`check_inputs`); those of TIES are, on a first pass that finds each task's trim
-    (:class:`~mergemodules.methods.ties.ChunkedTrim`, two passes before the merge).
+    (weight averaging: the same values, rounded once either way). The inputs of an entrywise merge or an average
+    are not checked for NaN/Inf (:func:`check_inputs`); those of TIES are, on a first pass that finds each task's
+    trim (:class:`~mergemodules.methods.ties.ChunkedTrim`, two passes before the merge).
     The result goes into ``out`` (a contiguous tensor of the entry's shape and ``out_dtype``) when given.
     ``mapped``: the inputs are maps from :func:`~mergemodules.safetensors_files.map_stored_tensor`, whose pages are
     released once their chunk is used (:func:`~mergemodules.safetensors_files.release_mapped_pages`): the

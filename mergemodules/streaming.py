@@ -170,8 +170,7 @@ def _fused(
         if workspace.holds(fused):  # the next tensor's values overwrite it
             fused = fused.clone()
         if not all_finite(fused):  # one pass over the output; the inputs are read again only on this error path
-            if not check:
-                check_inputs(entry, values[entry.name], sources, method)  # names the input, as the eager checks
+            check_inputs(entry, values[entry.name], sources, method)  # names an unchecked input (an average's)
             check_finite(fused, f"the fused tensor {entry.name!r}")  # raises, naming the output
         yield entry.names, fused
     for key, value in buffers.items():  # already in their output dtype (fuse_streaming)

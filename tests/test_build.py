@@ -144,6 +144,19 @@ def test_a_non_finite_input_is_named_when_checks_are_deferred(tmp_path: Path, me
         merge_to_state_dict(base, tasks, method, weights=weights)
 
 
+@pytest.mark.parametrize("method", ["weight_averaging", "cart"])
+def test_a_non_finite_input_of_an_average_is_named(tmp_path: Path, method: str) -> None:
+    """An averaged tensor (every tensor under WA, the biases under CART) is summed unchecked; a NaN names its input."""
+    base, weights, tasks = lazy_zoo(tmp_path, torch.float32)
+    state = dict(tasks[1].items())
+    state["0.bias"] = state["0.bias"].clone()
+    state["0.bias"][2] = float("nan")
+    save_file(state, tmp_path / "bad.safetensors")
+    tasks[1] = SafetensorsCheckpoint(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"finetuned\[1\]\['0\.bias'\] contains NaN or Inf"):
+        merge_to_state_dict(base, tasks, method, weights=weights)
+
+
 def test_a_non_finite_pretrained_tensor_is_named_where_the_merge_uses_it_and_not_read_where_it_does_not(
     tmp_path: Path,
 ) -> None:
