@@ -252,7 +252,7 @@ def _base_and_task_vectors(
     Where B is the average, ``pretrained`` gives only the shape and device: its values are not read.
     The task vectors lie in ``workspace`` when given.
     """
-    check_finite(pretrained, f"pretrained[{entry.name!r}]", check and method.base == "pretrained")
+    check_finite(pretrained, f"pretrained[{entry.name!r}]", check and uses_pretrained(entry, method))
     dtype = compute_dtype(pretrained.dtype) if dtype is None else dtype
     if not vectors and method.base == "pretrained":
         return pretrained.to(dtype), None  # the fine-tuned values are not used: not read

@@ -6,9 +6,10 @@ builds each tensor's merged module with the same builder (``build.iter_merged_te
 evaluates it, hands out the fused tensor and drops the module. With lazy checkpoints
 (:class:`~mergemodules.sources.SafetensorsCheckpoint`) and :func:`save_fused_streaming`, peak
 memory is about one tensor's values of all tasks plus its factors. A large tensor of an entrywise
-merge (weight averaging, task arithmetic, AdaMerging's initial λ) or of per-tensor TIES is merged
-chunk by chunk straight from its memory-mapped inputs (:func:`~mergemodules.build.merge_in_chunks`:
-the same values, bit for bit): then only T chunks of 1 MiB are held besides the fused tensor.
+merge (task arithmetic, AdaMerging's initial λ) or of per-tensor TIES, and every averaged tensor (weight
+averaging) is merged chunk by chunk straight from its memory-mapped inputs
+(:func:`~mergemodules.build.merge_in_chunks`: the same values, bit for bit, in a float32 or float64
+``dtype``): then only T chunks of 1 MiB are held besides the fused tensor.
 
 Precision: every tensor is merged in ``dtype`` (default float32, float64 for float64 checkpoints)
 from the checkpoints' values cast to it, and the fused tensor is rounded once to its output dtype
@@ -105,7 +106,9 @@ def fuse_streaming(
     ``dtype``: the floating tensors of ``weights`` and ``finetuned`` are cast to it before merging
     (default float32, float64 when ``weights`` holds float64 tensors). ``out_dtype``: the floating
     tensors come out in it, each rounded once (default: the dtype ``weights`` holds each in). So
-    the values are those of ``merge(...).fuse()`` on models cast to ``dtype``, cast to the output dtype.
+    the values are those of ``merge(...).fuse()`` on models cast to ``dtype``, cast to the output dtype —
+    except for the tensors merged in chunks in a half ``dtype``: those are computed in float32 from the inputs
+    rounded to it and rounded to it once (:func:`~mergemodules.build.merge_in_chunks`).
 
     ``reuse_outputs``: a large tensor merged in chunks (:func:`~mergemodules.build.merge_in_chunks`) comes in one
     reused buffer, which the next such tensor overwrites: for a consumer that is done with each tensor before it
