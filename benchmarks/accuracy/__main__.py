@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(f"--seeds-from: {e}")
         print(out["table"])
+        print("\n".join(f"- {line}" for line in out["orderings"]))
         return 0
     import torch
 
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{o['summary']}")
         if len(seeds) > 1:
             print(f"\n## {suite} suite over seeds {list(seeds)}\n{out['table']}")
+            print("\n".join(f"- {line}" for line in out["orderings"]))
     print(f"\ntotal: {time.time() - t0:.0f} s")
     return 0
 

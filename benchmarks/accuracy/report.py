@@ -376,30 +376,50 @@ def run_seeds(cfg: SuiteConfig, rc: T.RunConfig, seeds: Sequence[int], *, plots_
         outs[s] = run_suite(dataclasses.replace(cfg, seed=s), dataclasses.replace(rc, seed=s), plots_dir=plots_dir,
                             results_md=results_md if s == seeds[0] else None, preset=preset, **kw)
     section = seeds_section(cfg.suite, preset, {s: o["results"] for s, o in outs.items()}, plots_dir=plots_dir,
-                            results_md=results_md)
+                            results_md=results_md, orderings={s: o["orderings"] for s, o in outs.items()})
     return {"per_seed": outs, **section}
 
 
-def seeds_section(suite: str, preset: str, per_seed: dict[int, list[T.Result]], *, plots_dir: str | None = None,
-                  results_md: str | None = None, runs: Sequence[str] = ()) -> dict[str, Any]:
-    """The seeds table, its plot and its RESULTS.md section (``runs``: a line on where each seed ran, if apart)."""
+def seeds_ordering_lines(per_seed: dict[int, list[T.Result]]) -> list[str]:
+    """The papers' two orderings judged over seeds (t intervals of the per-seed differences of the means)."""
+    means = _means_over_seeds(per_seed)
+    return [stats.seeds_ordering(T.STATIC_ORDER, means), stats.seeds_ordering(T.ADAPTIVE_ORDER, means)]
+
+
+def _means_over_seeds(per_seed: dict[int, list[T.Result]]) -> dict[str, list[float]]:
     seeds = sorted(per_seed)
-    table = seeds_table(per_seed)
+    labels = [r.label for r in per_seed[seeds[0]]]
+    return {lab: [next((r.mean for r in per_seed[s] if r.label == lab and r.status == "ok"), float("nan"))
+                  for s in seeds] for lab in labels}
+
+
+def seeds_section(suite: str, preset: str, per_seed: dict[int, list[T.Result]], *, plots_dir: str | None = None,
+                  results_md: str | None = None, runs: Sequence[str] = (),
+                  orderings: dict[int, Sequence[str]] | None = None) -> dict[str, Any]:
+    """The seeds table, the orderings over seeds, its plot and its RESULTS.md section (``runs``: a line on where
+    each seed ran, if apart; ``orderings``: each seed's own ordering lines, paired on its test examples)."""
+    seeds = sorted(per_seed)
+    table, over_seeds = seeds_table(per_seed), seeds_ordering_lines(per_seed)
     tag = f"{suite}-{preset}-seeds"
     plot = None
     if plots_dir:
-        labels = [r.label for r in per_seed[seeds[0]]]
-        means = {lab: [next((r.mean for r in per_seed[s] if r.label == lab), float("nan")) for s in seeds] for lab in labels}
-        plot = plots.seeds(means, os.path.join(plots_dir, f"seeds_{tag}.png"), f"{suite}: every method over seeds {seeds}")
+        plot = plots.seeds(_means_over_seeds(per_seed), os.path.join(plots_dir, f"seeds_{tag}.png"),
+                           f"{suite}: every method over seeds {seeds}")
     if results_md:
         body = [f"## Benchmark: {suite} suite over seeds {seeds}", "",
                 "One zoo per seed (its own data split, fine-tuning and adaptation seed); the spread is over seeds "
                 "of each method's mean test accuracy (%).", "", *[f"- {line}" for line in runs], *([""] if runs else []),
-                table, ""]
+                table, "", "**The papers' orderings over seeds** (each step: the mean over seeds of the difference of "
+                "the two methods' mean accuracies, percentage points, with Student's t 95 % interval over the seeds, "
+                "i.e. the zoo-to-zoo spread; `<` significant, `≈` within the interval, `>` reversed):", "",
+                *[f"- {line}" for line in over_seeds], ""]
+        if orderings:
+            body += ["Per seed (paired 95 % intervals on that seed's test examples):", ""]
+            body += [f"- seed {s}: {line}" for s in seeds for line in orderings.get(s, ())] + [""]
         if plot:
             body.append(f"![seeds]({os.path.relpath(os.path.abspath(plot), os.path.dirname(os.path.abspath(results_md)))})")
         write_section(results_md, tag, "\n".join(body))
-    return {"table": table, "plot": plot}
+    return {"table": table, "orderings": over_seeds, "plot": plot}
 
 
 def seeds_from_json(paths: Sequence[str], *, plots_dir: str | None = None,
@@ -408,7 +428,7 @@ def seeds_from_json(paths: Sequence[str], *, plots_dir: str | None = None,
 
     Every file must hold the same suite, preset and rows, each a different seed.
     """
-    runs, per_seed, first = [], {}, None
+    runs, per_seed, orderings, first = [], {}, {}, None
     for path in paths:
         try:
             with open(path, encoding="utf-8") as f:
@@ -424,7 +444,9 @@ def seeds_from_json(paths: Sequence[str], *, plots_dir: str | None = None,
         if seed in per_seed:
             raise ValueError(f"{path}: seed {seed} is already given by another file")
         per_seed[seed] = [T.Result.from_json(r) for r in obj["results"]]
+        orderings[seed] = obj.get("orderings", [])
         runs.append(f"seed {seed}: `{obj.get('command', '?')}` — {obj.get('date', '?')}; {obj.get('machine', '?')}")
     if len(per_seed) < 2:
         raise ValueError(f"need the results of at least two seeds, got {len(per_seed)}")
-    return seeds_section(first[1], first[2], per_seed, plots_dir=plots_dir, results_md=results_md, runs=runs)
+    return seeds_section(first[1], first[2], per_seed, plots_dir=plots_dir, results_md=results_md, runs=runs,
+                         orderings=orderings)

@@ -7,7 +7,9 @@ Every interval is a 95 % interval (z = 1.96):
   independent binomial proportions, SE = sqrt(Σ_t p_t (1 − p_t) / n_t) / T;
 * the difference of two methods' means: **paired** on the same test examples, SE =
   sqrt(Σ_t var(d_t) / n_t) / T with d_t the per-example difference of correctness on task t; a
-  difference is called significant when its interval excludes 0.
+  difference is called significant when its interval excludes 0;
+* the difference of two methods over seeds (one zoo per seed): Student's t interval of the per-seed
+  differences of their means, the zoo-to-zoo spread.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 from typing import Mapping, Sequence
 
 import numpy as np
+import scipy.stats
 
 Z95 = 1.959963984540054
 
@@ -72,6 +75,10 @@ def paired_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
 def compare(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> str:
     """``'<'`` (b better, interval above 0), ``'>'`` (a better, below 0) or ``'≈'`` (interval contains 0)."""
     _, lo, hi = paired_difference(a, b)
+    return _sign(lo, hi)
+
+
+def _sign(lo: float, hi: float) -> str:
     return "<" if lo > 0 else ">" if hi < 0 else "≈"
 
 
@@ -81,25 +88,50 @@ def ordering(chain: Sequence[str], correct: Mapping[str, Mapping[str, np.ndarray
     Rows absent from ``correct`` are left out of the chain (said in the line).
     """
     present = [r for r in chain if r in correct]
-    absent = [r for r in chain if r not in correct]
     if len(present) < 2:
         return f"{' < '.join(chain)}: not enough rows run ({', '.join(present) or 'none'})"
-    parts, signs = [present[0]], []
+    steps = [(y, *paired_difference(correct[x], correct[y])) for x, y in zip(present, present[1:])]
+    return _chain_line(chain, present, steps)
+
+
+def seeds_ordering(chain: Sequence[str], means: Mapping[str, Sequence[float]]) -> str:
+    """One line: does ``chain[0] < chain[1] < …`` hold over seeds?
+
+    ``means[label][i]`` is the row's mean accuracy on seed i (NaN where it did not run). Each step's difference
+    is paired by seed; its 95 % interval is Student's t over the seeds, i.e. it measures the zoo-to-zoo spread
+    (data split, fine-tuning and adaptation seed), not the test-set noise of one zoo.
+    """
+    present = [r for r in chain if r in means and any(m == m for m in means[r])]
+    if len(present) < 2:
+        return f"{' < '.join(chain)}: not enough rows run ({', '.join(present) or 'none'})"
+    steps, counts = [], []
     for x, y in zip(present, present[1:]):
-        d, lo, hi = paired_difference(correct[x], correct[y])
-        sign = compare(correct[x], correct[y])
-        signs.append(sign)
-        parts.append(f" {sign} {y} ({100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}])")
+        d = np.asarray([b - a for a, b in zip(means[x], means[y]) if a == a and b == b], dtype=np.float64)
+        if len(d) < 2:
+            return f"{' < '.join(present)}: fewer than two seeds ran both {x} and {y}"
+        half = float(scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+        steps.append((y, float(d.mean()), float(d.mean()) - half, float(d.mean()) + half))
+        counts.append(f", higher in {int((d > 0).sum())}/{len(d)} seeds")
+    return _chain_line(chain, present, steps, counts)
+
+
+def _chain_line(chain: Sequence[str], present: Sequence[str], steps: Sequence[tuple[str, float, float, float]],
+                notes: Sequence[str] = ()) -> str:
+    """The verdict on a chain from its steps (next row, difference, low, high), each step's numbers after it."""
+    signs = [_sign(lo, hi) for _, _, lo, hi in steps]
     if all(s == "<" for s in signs):
         verdict = "holds (every step significant)"
     elif ">" in signs:
         verdict = "does NOT hold (a step is significantly reversed)"
-    elif all(s in "<≈" for s in signs) and all(
-            paired_difference(correct[x], correct[y])[0] >= 0 for x, y in zip(present, present[1:])):
+    elif all(d >= 0 for _, d, _, _ in steps):
         verdict = "holds in the point estimates only (some steps within the interval)"
     else:
         verdict = "not shown (some steps reversed within the interval)"
-    line = f"{' < '.join(present)}: {verdict}: " + "".join(parts)
+    notes = list(notes) or [""] * len(steps)
+    parts = "".join(f" {sign} {y} ({100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{note})"
+                    for sign, (y, d, lo, hi), note in zip(signs, steps, notes))
+    absent = [r for r in chain if r not in present]
+    line = f"{' < '.join(present)}: {verdict}: {present[0]}{parts}"
     return line + (f"; not run: {', '.join(absent)}" if absent else "")
 
 

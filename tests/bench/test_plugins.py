@@ -83,6 +83,8 @@ def test_seeds_run_together_and_apart_give_one_table(registry, tmp_path, capsys)
     assert section in together and section in apart
     row = next(line for line in together.split(section)[1].splitlines() if line.startswith("| Task Arithmetic |"))
     assert " ± " in row and row in apart and "seed 1: `python -m benchmarks.accuracy" in apart
+    orderings = together.split(section)[1].split("orderings over seeds")[1].split("![seeds]")[0]
+    assert "- seed 1: Weight Averaging < Task Arithmetic" in orderings and orderings in apart
 
 
 def test_bad_registrations_name_the_problem(registry, tmp_path):

@@ -64,8 +64,10 @@ def test_diagnostics_line_states_the_numbers():
 def _results_json(path, seed: int, cart: float, preset: str = "full", suite: str = "decoder") -> str:
     import json
 
-    results = [_result("Individual", {"a": 0.8}), _result("CART", {"a": cart})]
+    results = [_result("Individual", {"a": 0.8}), _result("Weight Averaging", {"a": cart - 0.02}),
+               _result("CART", {"a": cart})]
     obj = {"suite": suite, "preset": preset, "config": {"seed": seed}, "results": [r.to_json() for r in results],
+           "orderings": [f"ordering of seed {seed}"],
            "command": f"python -m benchmarks.accuracy --seeds {seed}", "date": "2026-11-27 02:00 UTC", "machine": "GPU"}
     path.write_text(json.dumps(obj, default=float))
     return str(path)
@@ -73,14 +75,19 @@ def _results_json(path, seed: int, cart: float, preset: str = "full", suite: str
 
 def test_seeds_from_json_gives_the_table_of_the_seeds_run_together(tmp_path):
     paths = [_results_json(tmp_path / f"r{s}.json", s, acc) for s, acc in ((2, 0.68), (0, 0.60), (1, 0.64))]
-    together = R.seeds_table({s: [_result("Individual", {"a": 0.8}), _result("CART", {"a": acc})]
-                              for s, acc in ((0, 0.60), (1, 0.64), (2, 0.68))})
+    together = R.seeds_table({s: [_result("Individual", {"a": 0.8}), _result("Weight Averaging", {"a": acc - 0.02}),
+                                  _result("CART", {"a": acc})] for s, acc in ((0, 0.60), (1, 0.64), (2, 0.68))})
     md = tmp_path / "RESULTS.md"
     out = R.seeds_from_json(paths, results_md=str(md))
     assert out["table"] == together
     text = md.read_text()
     assert "decoder-full-seeds BEGIN" in text and together in text
     assert "- seed 2: `python -m benchmarks.accuracy --seeds 2` — 2026-11-27 02:00 UTC; GPU" in text
+    # CART is 2 points above Weight Averaging on every seed: a zero-width t interval, significant
+    over_seeds = "Weight Averaging < CART: holds (every step significant): Weight Averaging < CART (+2.0 [+2.0, +2.0], " \
+                 "higher in 3/3 seeds); not run: Task Arithmetic, TIES"
+    assert out["orderings"][0] == over_seeds and f"- {over_seeds}" in text
+    assert text.index("- seed 0: ordering of seed 0") < text.index("- seed 1: ordering of seed 1")
 
 
 def test_seeds_from_json_refuses_files_that_do_not_belong_together(tmp_path):

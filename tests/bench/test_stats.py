@@ -65,6 +65,22 @@ def test_ordering_verdicts():
     assert "not enough rows" in S.ordering(("A", "D"), rows)
 
 
+def test_seeds_ordering_uses_a_t_interval_over_the_per_seed_differences():
+    means = {"A": [0.60, 0.62, 0.64], "B": [0.62, 0.65, 0.66], "C": [0.55, 0.70, float("nan")]}
+    # A -> B: differences 0.02, 0.03, 0.02 (mean 0.02333, sd 0.005774); t(0.975, 2) = 4.3027
+    half = 4.302653 * 0.005773503 / math.sqrt(3)
+    line = S.seeds_ordering(("A", "B"), means)
+    assert line.startswith("A < B: holds (every step significant): A < B ")
+    assert f"(+2.3 [{100 * (0.023333 - half):+.1f}, {100 * (0.023333 + half):+.1f}], higher in 3/3 seeds)" in line
+    # B -> C on the two seeds that ran both: -0.07 and +0.05, an interval around 0
+    line = S.seeds_ordering(("A", "B", "C"), means)
+    assert "not shown" in line and "≈ C (-1.0 [" in line and "higher in 1/2 seeds" in line
+    assert "fewer than two seeds ran both" in S.seeds_ordering(("A", "C"), {"A": [0.5, 0.5], "C": [0.6, float("nan")]})
+    assert "does NOT hold" in S.seeds_ordering(("B", "A"), means)
+    assert "not run: D" in S.seeds_ordering(("A", "B", "D"), means)
+    assert "not enough rows" in S.seeds_ordering(("A", "D"), {**means, "D": [float("nan")] * 3})
+
+
 def test_spread_over_seeds():
     s = S.spread([0.70, 0.72, 0.74, float("nan")])
     assert s["n"] == 3 and s["mean"] == pytest.approx(0.72) and s["std"] == pytest.approx(0.02)
