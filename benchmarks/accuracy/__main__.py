@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.time()
     for suite in suites:
-        preset = "full" if args.full else "default"
+        preset = presets.preset_name(suite, args.full)
         if suite in plugins.SUITES:
             cfg, rc = plugins.SUITES[suite](args.full)
             preset = f"{suite}-{preset}"  # its own RESULTS section and files, never a built-in suite's

@@ -69,12 +69,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.decoder_mergekit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full", action="store_true", help="the --full decoder zoo")
+    p.add_argument("--seed", type=int, default=0, help="the decoder zoo of this seed (default 0)")
     p.add_argument("--cache", default=None, help="zoo cache directory")
     p.add_argument("--scaling", type=float, default=0.3, help="λ of Task Arithmetic (default 0.3)")
     p.add_argument("--mergekit-python", default=str(MERGEKIT_PYTHON))
     args = p.parse_args(argv)
-    cfg, _ = presets.get("decoder", full=args.full)
+    cfg, _ = presets.get("decoder")
+    cfg = presets.replace(cfg, seed=args.seed)
     zoo = build_zoo(cfg, args.cache)
     with tempfile.TemporaryDirectory() as tmp:
         out = compare_with_mergekit(zoo.pretrained, [t.encoder for t in zoo.tasks], args.scaling, Path(tmp),

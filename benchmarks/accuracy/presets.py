@@ -56,17 +56,26 @@ DECODER_ROWS = ("Pretrained", "Individual", "Weight Averaging", "Task Arithmetic
                 "AdaMerging (task-wise)", "AdaMerging (layer-wise)", "CART+AdaRank")
 FULL_ONLY_SUITES = ("decoder",)  # --full --suite all runs these after SUITES
 # The decoder's adaptation budget: on an H200 both AdaMerging rows had no plateau in 300 steps (RESULTS.md), and
-# the suite is a GPU's job (9 min there with this budget; both reach their plateau at step 475), so its default
-# stops at the plateau within 1000 steps, as --full does.
+# the suite is a GPU's job (9 min there with this budget; both reach their plateau at step 475), so it stops at the
+# plateau within 1000 steps.
 DECODER_TTA_STEPS = 1000
+# The decoder has one budget: --full runs it on FULL_SEEDS, one zoo per seed, under the "default" preset's names, so
+# seeds run apart (`--suite decoder --seeds N --device cuda`, one per GPU session: a seed takes ~9 min of an H200,
+# a lent GPU gives 15 min) and by --full make one table. A larger --full zoo (2048 examples, 300 fine-tuning steps)
+# with the λ curves on test would not fit one GPU session per seed, nor the CPU (8-12 CPU-hours per seed here).
+ONE_BUDGET_SUITES = ("decoder",)
 
 
-def decoder_config(full: bool) -> SuiteConfig:
+def decoder_config() -> SuiteConfig:
     """The decoder suite's zoo: 3 text tasks, 1000 test and 256 val examples each, 64-token prompts."""
-    steps, train = (300, 2048) if full else (100, 512)
-    return SuiteConfig("decoder", DECODER_TASKS, Sizes(train=train, val=256, tta=0, test=1000),
-                       FinetuneHP(steps=steps, batch_size=16, lr=3e-5, head_init="label_words"), max_len=64,
+    return SuiteConfig("decoder", DECODER_TASKS, Sizes(train=512, val=256, tta=0, test=1000),
+                       FinetuneHP(steps=100, batch_size=16, lr=3e-5, head_init="label_words"), max_len=64,
                        eval_batch_size=32)
+
+
+def preset_name(suite: str, full: bool) -> str:
+    """The name a run's sections and files carry: "full" or "default" (a one-budget suite is always "default")."""
+    return "full" if full and suite not in ONE_BUDGET_SUITES else "default"
 
 
 def get(suite: str, *, full: bool = False) -> tuple[SuiteConfig, RunConfig]:
@@ -95,9 +104,8 @@ def get(suite: str, *, full: bool = False) -> tuple[SuiteConfig, RunConfig]:
                               vision_model=VISION_MODEL)
             rc = DEFAULT_RUN
         return cfg, rc
-    if suite == "decoder":  # not in `make bench` (a GPU's job): the default's adaptation may also take 1000 steps
-        return decoder_config(full), replace(FULL_RUN if full else replace(DEFAULT_RUN, tta_steps=DECODER_TTA_STEPS),
-                                             rows=DECODER_ROWS)
+    if suite == "decoder":  # not in `make bench` (a GPU's job); one budget, --full or not (ONE_BUDGET_SUITES)
+        return decoder_config(), replace(DEFAULT_RUN, tta_steps=DECODER_TTA_STEPS, rows=DECODER_ROWS)
     raise ValueError(f"unknown suite {suite!r}: 'text', 'vision' or 'decoder'")
 
 
