@@ -353,9 +353,10 @@ def seeds_table(per_seed: dict[int, list[T.Result]]) -> str:
     labels = [r.label for r in per_seed[seeds[0]]]
     lines = [f"| method | mean accuracy over {len(seeds)} seeds: mean ± std [min, max] | normalized mean ± std | "
              + " | ".join(f"seed {s}" for s in seeds) + " |", "| --- | ---: | ---: | " + " | ".join("---:" for _ in seeds) + " |"]
+    over_seeds = _means_over_seeds(per_seed)
     for label in labels:
         rows = {s: next((r for r in per_seed[s] if r.label == label), None) for s in seeds}
-        means = [r.mean if r and r.status == "ok" else float("nan") for r in rows.values()]
+        means = over_seeds[label]
         norms = []
         for s, r in rows.items():
             n = normalized(r, _individual(per_seed[s])) if r else {}
