@@ -6,7 +6,9 @@ device type (a GPU's numbers are not the CPU's), and the source of the library a
 ``benchmarks/accuracy/`` invalidates every entry: the zoo's rebuild-on-change rule, applied to rows.
 
 Layout, under ``<zoo>/rows/``: ``<name>-<key>.npz`` (per-example correctness, and the hard masks a plot needs)
-is written first, ``<name>-<key>.json`` last, each atomically; an entry counts only when both exist.
+is written first, ``<name>-<key>.json`` last, each atomically; an entry counts only when both exist. A row
+in progress keeps its adaptation checkpoints in ``<name>-<key>.partial/`` (:func:`scratch`), so a run killed
+mid-row resumes that row where its last checkpoint left it; storing the entry removes the folder.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,13 @@ def _stem(zoo: Zoo, what: str, k: str) -> Path:
     return Path(zoo.directory) / "rows" / f"{slug}-{k}"
 
 
+def scratch(zoo: Zoo, what: str, k: str) -> Path:
+    """The folder (created) where the row ``what`` under ``k`` keeps its checkpoints until :func:`save` stores it."""
+    folder = _stem(zoo, what, k).with_suffix(".partial")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def save(zoo: Zoo, what: str, k: str, obj: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
          masks: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Store ``obj`` with its arrays and boolean masks under ``k``; returns ``obj`` as stored (JSON: tuples become
@@ -77,6 +87,7 @@ def save(zoo: Zoo, what: str, k: str, obj: dict[str, Any], arrays: dict[str, np.
     atomic_write(stem.with_suffix(".npz"), write)
     stored = json.loads(json.dumps(obj, default=float))
     atomic_write_json(stored, str(stem.with_suffix(".json")))
+    shutil.rmtree(stem.with_suffix(".partial"), ignore_errors=True)
     return stored
 
 

@@ -24,6 +24,7 @@ import math
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -280,7 +281,8 @@ def _entropy_curve(history: list[dict[str, Any]], start: dict[str, dict[str, np.
     return losses, track, stats.plateau_step(smooth, rc.plateau_window, rc.plateau_rel, rc.plateau_tol, se=se)
 
 
-def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str, dict[str, np.ndarray]],
+           checkpoint: Path | None = None) -> dict[str, Any]:
     """Entropy minimisation on every task's unlabeled test inputs up to the step budget, with the plateau rule.
 
     The library's loop in chunks of ``plateau_window`` steps, each resumed from the previous one's checkpoint
@@ -289,6 +291,8 @@ def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str
     all test inputs, then the mean batch entropy over each window of ``track_every`` steps (plotted); the
     plateau rule compares the means of the last ``plateau_window`` steps and of the window before. Accuracy on
     the first ``track_examples`` test examples of each task every ``track_every`` steps (labels used only there).
+    With ``checkpoint`` (a file kept across runs) the state is saved every ``plateau_window`` steps and a run
+    killed mid-row resumes from it: the same numbers as one uninterrupted run.
     """
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -303,10 +307,14 @@ def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str
     coef0, masks0 = _coefs(merged), _masks(merged)
     budgets = list(range(rc.plateau_window, rc.tta_steps, rc.plateau_window)) + [rc.tta_steps]
     history: list[dict[str, Any]] = []
+    saved = _saved_step(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:  # chunks resumed from a checkpoint: bit-identical to one run
         for budget in (budgets if rc.stop_at_plateau else budgets[-1:]):
+            if budget < saved:  # run before the interruption, without a plateau (or the row would have stopped)
+                continue
             history = adapt(merged, tasks, steps=budget, lr=lr, seed=rc.seed, eval_data=tracked,
-                            eval_every=rc.track_every, checkpoint=os.path.join(tmp, "adapt.pt"), resume=bool(history),
+                            eval_every=rc.track_every, checkpoint=checkpoint or os.path.join(tmp, "adapt.pt"),
+                            checkpoint_every=rc.plateau_window, resume=bool(history) or saved > 0,
                             progress=os.environ.get("MERGEMODULES_BENCH_QUIET") != "1", pad_id=PAD_ID)
             losses, track, plateau = _entropy_curve(history, start, rc)
             if plateau is not None:
@@ -314,6 +322,7 @@ def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str
     coef1 = _coefs(merged)
     return {"steps": len(losses), "budget": rc.tta_steps, "lr": lr, "batch_size": rc.tta_batch_size,
             "converged": plateau is not None, "plateau_step": plateau, "stop_at_plateau": rc.stop_at_plateau,
+            "resumed_at_step": saved or None,
             "rule": {"window": rc.plateau_window, "rel": rc.plateau_rel, "tol": rc.plateau_tol, "every": rc.track_every,
                      "tracked": rc.track_examples},
             "entropy_before": _entropies(start), "accuracy_before": _accuracies(start), "track": track,
@@ -321,6 +330,18 @@ def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str
             "lambda_before": _lambda_stats(coef0), "lambda_after": _lambda_stats(coef1),
             "lambda_change": {"mean_abs": float((coef1 - coef0).abs().mean()), "max_abs": float((coef1 - coef0).abs().max())},
             "mask_flips": _mask_flips(masks0, _masks(merged))}
+
+
+def _saved_step(checkpoint: Path | None) -> int:
+    """The step an earlier run of this row saved in ``checkpoint`` (0: none; an unreadable file is removed)."""
+    if checkpoint is None or not checkpoint.is_file():
+        return 0
+    try:
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+    except Exception as e:  # a file cut short by a kill between writes: atomic_write makes this unlikely
+        logger.warning("%s: unreadable adaptation checkpoint (%s); the row starts over", checkpoint, e)
+        checkpoint.unlink()
+        return 0
 
 
 # --------------------------------------------------------------------------- rows
@@ -342,8 +363,11 @@ def _options(row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]], res: Re
 
 
 def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]],
-            keep: dict[str, nn.Module] | None = None) -> Result:
-    """Run one row: merge, choose (grid on val / paper value / adaptation), evaluate on test."""
+            keep: dict[str, nn.Module] | None = None, scratch: Path | None = None) -> Result:
+    """Run one row: merge, choose (grid on val / paper value / adaptation), evaluate on test.
+
+    ``scratch``: a folder kept across runs for the row's adaptation checkpoints (resumed if present).
+    """
     t0 = time.time()
     res = Result(row.label, row.method, "ok")
     try:
@@ -369,7 +393,8 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
                     score = 0.0
                     if row.tta:
                         start = predict(zoo, merged.fuse(), "test")
-                        info["adaptation"] = _adapt(zoo, merged, row, rc, start)
+                        name = "adapt.pt" if alpha is None else f"adapt-alpha{alpha:g}.pt"
+                        info["adaptation"] = _adapt(zoo, merged, row, rc, start, scratch and scratch / name)
                 if best is None or score > best[0]:
                     best = (score, merged, info)
             assert best is not None
@@ -413,7 +438,7 @@ def run_all(zoo: Zoo, rc: RunConfig, keep: dict[str, dict[str, torch.Tensor]] | 
             logger.info("%s: mean test accuracy %.4f (from the row cache)", row.label, r.mean)
         else:
             kept: dict[str, dict[str, torch.Tensor]] = {}
-            r = run_row(zoo, row, rc, chosen, kept)
+            r = run_row(zoo, row, rc, chosen, kept, scratch=rowcache.scratch(zoo, row.label, k) if cache else None)
             masks = kept.get(row.label, {})
             rowcache.save(zoo, row.label, k, r.cache_json(), r.correct, masks)
         if keep is not None and masks:

@@ -104,6 +104,7 @@ def test_rows_are_read_back_from_the_row_cache_until_an_input_changes(text_zoo, 
     keep: dict = {}
     first = T.run_all(text_zoo, rc, keep=keep)
     assert set(keep) == {"CART+AdaRank"} and all(m.dtype == torch.bool for m in keep["CART+AdaRank"].values())
+    assert not list((Path(text_zoo.directory) / "rows").glob("*.partial"))  # a stored row's checkpoints are gone
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a cached row was run again")

@@ -127,3 +127,35 @@ def test_adaptation_in_chunks_is_one_run_and_stops_at_the_plateau(text_zoo, monk
     a = stopped.adaptation
     assert (a["steps"], a["budget"], a["plateau_step"], a["converged"]) == (4, 8, 4, True)
     assert a["batch_loss"] == whole.adaptation["batch_loss"][:4]
+
+
+def test_a_row_killed_mid_adaptation_resumes_from_its_scratch_checkpoint(text_zoo, tmp_path, monkeypatch):
+    import mergemodules
+    from benchmarks.accuracy import stats
+
+    rc = T.RunConfig(tta_steps=8, track_every=2, plateau_window=4, track_examples=8, tta_lr=0.05)
+    row = T.Row("TA+AdaRank", "adarank_ta", tta=True)
+    monkeypatch.setattr(stats, "plateau_step", lambda *args, **kwargs: None)  # run the whole budget, in 2 chunks
+    whole = T.run_row(text_zoo, row, rc, {})
+    real_adapt, calls = mergemodules.adapt, []
+
+    def killed_in_the_second_chunk(*args, **kwargs):
+        calls.append(kwargs["steps"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_adapt(*args, **kwargs)
+
+    monkeypatch.setattr(mergemodules, "adapt", killed_in_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        T.run_row(text_zoo, row, rc, {}, scratch=tmp_path)
+    assert calls == [4, 8] and (tmp_path / "adapt.pt").is_file()
+    monkeypatch.setattr(mergemodules, "adapt", real_adapt)
+    resumed = T.run_row(text_zoo, row, rc, {}, scratch=tmp_path)
+    a = resumed.adaptation
+    assert a["resumed_at_step"] == 4 and whole.adaptation["resumed_at_step"] is None
+    assert a["batch_loss"] == whole.adaptation["batch_loss"] and a["track"] == whole.adaptation["track"]
+    assert resumed.test == whole.test and a["lambda_after"] == whole.adaptation["lambda_after"]
+    # an unreadable checkpoint (cut short) is removed and the row starts over, with the same numbers
+    (tmp_path / "adapt.pt").write_bytes(b"cut")
+    again = T.run_row(text_zoo, row, rc, {}, scratch=tmp_path)
+    assert again.adaptation["resumed_at_step"] is None and again.test == whole.test
