@@ -257,12 +257,20 @@ def _diagnostics(zoo: Zoo) -> dict[str, Any]:
             "spectra_centered": diagnostics.spectra(zoo, SPECTRUM_FRACTIONS, centered=True)}
 
 
+def _rows_ran(results: list[T.Result]) -> str:
+    """" (rows run from A to B)": when the rows ran, also those read from the cache (a cached pass's date is not)."""
+    ran = sorted(r.ran for r in results if r.ran)
+    if not ran:
+        return ""
+    return f" (rows run at {ran[0]})" if ran[0] == ran[-1] else f" (rows run from {ran[0]} to {ran[-1]})"
+
+
 def _body(cfg: SuiteConfig, zoo: Zoo, results: list[T.Result], sweep, diag, rel: dict[str, str], extra: dict[str, Any],
           built: str, rc: T.RunConfig) -> str:
     s = extra["seconds"]
     title = {"full": "full", "default": "reduced default"}.get(extra["preset"], extra["preset"])
     body = [f"## Benchmark: {cfg.suite} suite ({title}, seed {cfg.seed})", "",
-            f"`{extra['command']}` — {extra['date']}; {extra['machine']}.",
+            f"`{extra['command']}` — {extra['date']}{_rows_ran(results)}; {extra['machine']}.",
             f"Wall time {s['total']:.0f} s (zoo {built}: {s['zoo']:.0f} s; methods {s['methods']:.0f} s), CPU time "
             f"{s['cpu']:.0f} s; load average (1/5/15 min) {extra['load_average']['start']} at the start, "
             f"{extra['load_average']['end']} at the end.", "",

@@ -134,6 +134,7 @@ class Result:
     adaptation: dict[str, Any] = dataclasses.field(default_factory=dict)
     note: str = ""
     seconds: float = 0.0
+    ran: str = ""  # when the row was run (UTC); a row read from the cache keeps its own
 
     @property
     def mean(self) -> float:
@@ -412,6 +413,7 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
         res.status, res.note, res.test, res.correct = "diverged", str(e), {}, {}
         logger.error("%s: diverged (%s)", row.label, e)
     res.seconds = round(time.time() - t0, 1)
+    res.ran = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if res.status == "ok":
         logger.info("%s: mean test accuracy %.4f (%s) in %.0fs", row.label, res.mean, res.chosen or "-", res.seconds)
     return res

@@ -116,6 +116,7 @@ def test_rows_are_read_back_from_the_row_cache_until_an_input_changes(text_zoo, 
         assert (a.label, a.test, a.chosen, a.adaptation["track"] if a.adaptation else None) == \
             (b.label, b.test, b.chosen, b.adaptation["track"] if b.adaptation else None)
         assert all(np.array_equal(a.correct[k], b.correct[k]) for k in a.correct)
+        assert a.ran == b.ran and a.ran.endswith(" UTC")  # a cached row keeps the date it ran
     assert all(torch.equal(keep["CART+AdaRank"][k], kept_again["CART+AdaRank"][k]) for k in keep["CART+AdaRank"])
     with pytest.raises(AssertionError, match="cached row"):  # another step budget is another entry
         T.run_all(text_zoo, dataclasses.replace(rc, tta_steps=3))

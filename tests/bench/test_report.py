@@ -49,6 +49,14 @@ def test_write_section_replaces_only_its_block(tmp_path):
     assert "keep" in text and "one" not in text and text.index("three") < text.index("two")
 
 
+def test_the_header_says_when_the_rows_ran():
+    rows = [_result("A", {"t": 0.5}), _result("B", {"t": 0.5}), _result("C", {"t": 0.5})]
+    assert R._rows_ran(rows) == ""  # rows cached before the date was kept
+    rows[0].ran, rows[1].ran = "2026-11-27 10:05 UTC", "2026-11-26 23:59 UTC"
+    assert R._rows_ran(rows) == " (rows run from 2026-11-26 23:59 UTC to 2026-11-27 10:05 UTC)"
+    assert R._rows_ran(rows[:1]) == " (rows run at 2026-11-27 10:05 UTC)"
+
+
 def test_diagnostics_line_states_the_numbers():
     diag = {"cosine": [[1, 0.1], [-0.3, 1]], "cosine_centered": [[1, -1], [-1, 1]],
             "spectra": {"a": [(0.08, 0.5)], "b": [(0.08, 0.7)]}, "spectra_centered": {"a": [(0.08, 0.9)], "b": [(0.08, 0.9)]}}
