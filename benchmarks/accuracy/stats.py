@@ -89,7 +89,7 @@ def ordering(chain: Sequence[str], correct: Mapping[str, Mapping[str, np.ndarray
     """
     present = [r for r in chain if r in correct]
     if len(present) < 2:
-        return f"{' < '.join(chain)}: not enough rows run ({', '.join(present) or 'none'})"
+        return _not_enough(chain, present)
     steps = [(y, *paired_difference(correct[x], correct[y])) for x, y in zip(present, present[1:])]
     return _chain_line(chain, present, steps)
 
@@ -103,7 +103,7 @@ def seeds_ordering(chain: Sequence[str], means: Mapping[str, Sequence[float]]) -
     """
     present = [r for r in chain if r in means and any(m == m for m in means[r])]
     if len(present) < 2:
-        return f"{' < '.join(chain)}: not enough rows run ({', '.join(present) or 'none'})"
+        return _not_enough(chain, present)
     steps, counts = [], []
     for x, y in zip(present, present[1:]):
         d = np.asarray([b - a for a, b in zip(means[x], means[y]) if a == a and b == b], dtype=np.float64)
@@ -113,6 +113,10 @@ def seeds_ordering(chain: Sequence[str], means: Mapping[str, Sequence[float]]) -
         steps.append((y, float(d.mean()), float(d.mean()) - half, float(d.mean()) + half))
         counts.append(f", higher in {int((d > 0).sum())}/{len(d)} seeds")
     return _chain_line(chain, present, steps, counts)
+
+
+def _not_enough(chain: Sequence[str], present: Sequence[str]) -> str:
+    return f"{' < '.join(chain)}: not enough rows run ({', '.join(present) or 'none'})"
 
 
 def _chain_line(chain: Sequence[str], present: Sequence[str], steps: Sequence[tuple[str, float, float, float]],
