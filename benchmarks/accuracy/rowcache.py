@@ -1,9 +1,10 @@
 """Row results cached beside the zoo, so a re-run with nothing changed reads them instead of merging again.
 
-An entry is keyed by everything its numbers depend on: the zoo's checkpoints (their sha256 in the manifest),
-the run configuration, the choices handed on from other rows (CART+AdaRank starts from CART's λ), the
-device type (a GPU's numbers are not the CPU's), and the source of the library and of this benchmark. Editing any ``.py`` file under ``mergemodules/`` or
-``benchmarks/accuracy/`` invalidates every entry: the zoo's rebuild-on-change rule, applied to rows.
+An entry is keyed by everything its numbers depend on: the sha256 of the checkpoints the rows use (the
+pretrained encoder, this budget's tasks), the run configuration, the choices handed on from other rows
+(CART+AdaRank starts from CART's λ), the device type (a GPU's numbers are not the CPU's), and the source of the
+library and of this benchmark. Editing any ``.py`` file under ``mergemodules/`` or ``benchmarks/accuracy/``
+invalidates every entry: the zoo's rebuild-on-change rule, applied to rows.
 
 Layout, under ``<zoo>/rows/``: ``<name>-<key>.npz`` (per-example correctness, and the hard masks a plot needs)
 is written first, ``<name>-<key>.json`` last, each atomically; an entry counts only when both exist. A row
@@ -50,8 +51,10 @@ def code_digest() -> str:
 def key(zoo: Zoo, what: str, config: Any, inputs: Any = None) -> str:
     """The cache key of ``what`` (a row label, ``"cart rank sweep"`` or ``"diagnostics"``) on ``zoo`` under
     ``config``, given the ``inputs`` handed on from earlier rows."""
+    # the zoo's own tasks, not the manifest's: it also lists the entries of other budgets sharing the zoo's folder
+    # (the default's beside --full's), which must not change this key
     checkpoints = {"pretrained": zoo.manifest["pretrained"]["sha256"],
-                   "tasks": {name: entry["sha256"] for name, entry in sorted(zoo.manifest["tasks"].items())}}
+                   "tasks": {t.name: t.entry["sha256"] for t in zoo.tasks}}
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
     if isinstance(config, dict):
         config = {k: v for k, v in config.items() if k != "rows"}  # which rows run does not change a row

@@ -118,6 +118,10 @@ def test_rows_are_read_back_from_the_row_cache_until_an_input_changes(text_zoo, 
         assert all(np.array_equal(a.correct[k], b.correct[k]) for k in a.correct)
         assert a.ran == b.ran and a.ran.endswith(" UTC")  # a cached row keeps the date it ran
     assert all(torch.equal(keep["CART+AdaRank"][k], kept_again["CART+AdaRank"][k]) for k in keep["CART+AdaRank"])
+    # another budget's checkpoints in the same zoo folder (the default's beside --full's) change no row's key
+    text_zoo.manifest["tasks"]["foldoc-other"] = {"sha256": "0" * 64}
+    assert [r.test for r in T.run_all(text_zoo, rc)] == [r.test for r in first]
+    del text_zoo.manifest["tasks"]["foldoc-other"]
     with pytest.raises(AssertionError, match="cached row"):  # another step budget is another entry
         T.run_all(text_zoo, dataclasses.replace(rc, tta_steps=3))
     with pytest.raises(AssertionError, match="cached row"):  # so is an edit of the library or benchmark source
