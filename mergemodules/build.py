@@ -318,18 +318,18 @@ def _build_one(
         if not with_term:
             return MergedTensor(base.to(dtype))
         deltas = transform.vectors(entry.name, task_vectors, False)
-        return MergedTensor(base.to(dtype), deltas, coefficients(deltas.shape[0], base))
+        return MergedTensor(base.to(dtype), deltas, coefficients(deltas.shape[0], base), method.lambda_range)
     if not with_term:
         return MergedWeight(base.to(dtype), layout=layout)
     terms = layout.to_matrix(transform.vectors(entry.name, task_vectors, True), batch=1)
     coef = coefficients(terms.shape[0], base)
     if method.matrices == "dense":
-        return MergedWeight(base.to(dtype), deltas=terms, coef=coef, layout=layout)
+        return MergedWeight(base.to(dtype), deltas=terms, coef=coef, layout=layout, coef_range=method.lambda_range)
     shape = tuple(terms.shape[1:])
     U, S, V = transform.factorize(terms, resolve_rank(method.rank, shape), method.svd, method.svd_options)
     return MergedWeight(
         base.to(dtype), U=U, S=S, V=V, coef=coef, mask_logits=_mask_logits(method, S, shape, entry.name),
-        temperature=method.temperature, layout=layout,
+        temperature=method.temperature, layout=layout, coef_range=method.lambda_range,
     )
 
 

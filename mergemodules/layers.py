@@ -22,7 +22,7 @@ import contextlib
 import copy
 import math
 import warnings
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +108,17 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
+def check_coef_range(coef_range: Sequence[float] | None, name: str = "coef_range") -> tuple[float, float] | None:
+    """``coef_range`` as a (low, high) tuple of finite floats with low < high (None: λ is not clamped)."""
+    if coef_range is None:
+        return None
+    values = tuple(coef_range) if isinstance(coef_range, (tuple, list)) else ()
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                   for v in values) or not values[0] < values[1]:
+        raise ValueError(f"{name}={coef_range!r}: expected (low, high), two finite numbers with low < high")
+    return float(values[0]), float(values[1])
+
+
 def _per_task_coef(coef: Tensor, num_tasks: int) -> Tensor:
     return coef.expand(num_tasks) if coef.dim() == 0 else coef
 
@@ -117,10 +128,12 @@ class BaseMerged(nn.Module):
 
     base: Tensor
 
-    def __init__(self, base: Tensor, coef: nn.Parameter | None) -> None:
+    def __init__(self, base: Tensor, coef: nn.Parameter | None,
+                 coef_range: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.register_buffer("base", base.detach())
         self.coef = coef
+        self.coef_range = check_coef_range(coef_range)
 
     @property
     def num_tasks(self) -> int:
@@ -140,8 +153,10 @@ class BaseMerged(nn.Module):
             raise ValueError(f"coef: expected a scalar or shape ({T},), got {tuple(self.coef.shape)}")
 
     def task_coef(self) -> Tensor:
-        """λ (``coef``) as a length-T vector in the base dtype."""
-        return _per_task_coef(self.coef, self.num_tasks).to(self.base.dtype)
+        """λ (``coef``) as a length-T vector in the base dtype, clamped to ``coef_range`` when one is set
+        (AdaMerging's ``torch.clamp(lambdas_raw, 0, 1)``: no gradient reaches a λ beyond the range)."""
+        coef = self.coef if self.coef_range is None else self.coef.clamp(*self.coef_range)
+        return _per_task_coef(coef, self.num_tasks).to(self.base.dtype)
 
     def lambdas(self) -> Tensor:
         """Deprecated (removed in 0.2): use :meth:`task_coef`."""
@@ -169,8 +184,9 @@ class BaseMerged(nn.Module):
 class MergedTensor(BaseMerged):
     """A densely merged tensor of any shape: ``base + Σ_t λ_t · deltas[t]``."""
 
-    def __init__(self, base: Tensor, deltas: Tensor | None = None, coef: nn.Parameter | None = None) -> None:
-        super().__init__(base, coef)
+    def __init__(self, base: Tensor, deltas: Tensor | None = None, coef: nn.Parameter | None = None,
+                 coef_range: tuple[float, float] | None = None) -> None:
+        super().__init__(base, coef, coef_range)
         if deltas is not None and deltas.shape[1:] != base.shape:
             raise ValueError(f"deltas: shape {tuple(deltas.shape)} does not stack tensors of shape {tuple(base.shape)}")
         self.register_buffer("deltas", None if deltas is None else deltas.detach().to(base.dtype))
@@ -196,6 +212,7 @@ class MergedWeight(BaseMerged):
         U, S, V: stacked truncated SVD factors of the task vectors, (T, out, k), (T, k), (T, in, k).
         deltas: dense task vectors (T, out, in) instead of factors.
         coef: λ, a scalar or (T,) Parameter (may be shared between layers).
+        coef_range: (low, high): λ is clamped to it in every use (AdaMerging); None: not clamped.
         mask_logits: AdaRank's ℓ, (T, k); masks are hard in the forward pass (straight-through).
         temperature: the straight-through temperature (AdaRank: 10).
     """
@@ -212,11 +229,12 @@ class MergedWeight(BaseMerged):
         mask_logits: nn.Parameter | None = None,
         temperature: float = 10.0,
         layout: str | Layout = Layout.OUT_IN,
+        coef_range: tuple[float, float] | None = None,
     ) -> None:
         layout = parse_layout(layout, "layout")
         if not layout.fits(base.dim()):
             raise ValueError(f"base: a merged weight in layout {layout} cannot have shape {tuple(base.shape)}")
-        super().__init__(layout.to_matrix(base).contiguous(), coef)
+        super().__init__(layout.to_matrix(base).contiguous(), coef, coef_range)
         self.layout = layout
         self._parameter_shape = tuple(base.shape)
         self.temperature = float(temperature)

@@ -79,6 +79,8 @@ def save_merge_state(merged: MergedModel, path: str | os.PathLike) -> Path:
             group = groups.setdefault(id(module.coef), f"coef{len(groups)}")
             tensors[f"{group}{_SEP}coef"] = module.coef.detach()
             info["coef"] = group
+            if module.coef_range is not None:
+                info["coef_range"] = list(module.coef_range)
         for key, tensor in _module_tensors(module).items():
             tensors[f"{name}{_SEP}{key}"] = tensor.detach().contiguous()
         layout[name] = info
@@ -157,14 +159,15 @@ def _check_header(path: Path, header: object, tensors: dict[str, Tensor]) -> Non
 def _rebuild(name: str, info: dict, tensors: dict[str, Tensor], coefs: dict[str, nn.Parameter]) -> BaseMerged:
     own = {k.split(_SEP, 1)[1]: v for k, v in tensors.items() if k.startswith(name + _SEP)}
     coef = coefs[info["coef"]] if "coef" in info else None
+    coef_range = info.get("coef_range")  # files written before λ could be clamped: none
     if info["kind"] == "tensor":
-        return MergedTensor(own["base"], own.get("deltas"), coef)
+        return MergedTensor(own["base"], own.get("deltas"), coef, coef_range)
     base = Layout(info["layout"]).from_matrix(own["base"], info.get("shape"))  # older files: 2-D layouts, no shape
     logits = own.get("mask_logits")
     return MergedWeight(
         base, U=own.get("U"), S=own.get("S"), V=own.get("V"), deltas=own.get("deltas"), coef=coef,
         mask_logits=None if logits is None else nn.Parameter(logits), temperature=info["temperature"],
-        layout=info["layout"],
+        layout=info["layout"], coef_range=coef_range,
     )
 
 

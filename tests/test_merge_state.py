@@ -30,6 +30,18 @@ def test_merge_state_rebuilds_the_merged_model_without_checkpoints(tmp_path, met
         assert len(list(rebuilt.parameters())) == 1
 
 
+def test_merge_state_keeps_the_lambda_range(tmp_path):
+    _, merged = merged_vit("adamerging_layerwise")
+    with torch.no_grad():
+        for i, p in enumerate(merged.parameters()):
+            p.fill_(-0.5 if i % 2 else 1.5)  # every λ beyond [0, 1]: the clamp decides the output
+    rebuilt = load_merge_state(timm_vit(), save_merge_state(merged, tmp_path / "state.safetensors")).eval()
+    assert {m.coef_range for m in rebuilt.merged_tensors().values() if m.coef is not None} == {(0.0, 1.0)}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), merged(x), rtol=0, atol=0)
+
+
 def test_merge_state_keeps_tied_and_in_out_weights(tmp_path):
     pretrained = hf_gpt2().eval()
     merged = mm.merge(pretrained, [perturbed(pretrained, 1), perturbed(pretrained, 2)], "cart")

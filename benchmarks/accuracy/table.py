@@ -241,7 +241,9 @@ def _grid(zoo: Zoo, merged: nn.Module, row: Row, grid: tuple[float, ...], rc: Ru
 
 # --------------------------------------------------------------------------- adaptation
 def _coefs(merged: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten().cpu() for n, p in merged.named_parameters() if n.endswith("coef")])
+    """Every λ as the merged weights use it (clamped to the method's range: AdaMerging's [0, 1]), once each."""
+    coefs = {id(m.coef): m.task_coef() for m in merged.merged_tensors().values() if m.coef is not None}
+    return torch.cat([c.detach().flatten().cpu() for c in coefs.values()])
 
 
 def _lambda_stats(values: torch.Tensor) -> dict[str, float]:

@@ -37,8 +37,11 @@ register_method(Method("task_vector_svd", matrices="svd", matrix_set="layers", r
 register_method(
     Method("cart", base="average", matrices="svd", matrix_set="layers", dense=False, rank=CART_RANK, scaling=1.0)
 )
-register_method(Method("adamerging_taskwise", coefficients="task", scaling=0.3))
-register_method(Method("adamerging_layerwise", coefficients="layer", scaling=0.3), "adamerging")
+# AdaMerging's code clamps λ to [0, 1] in every forward pass (torch.clamp(lambdas_raw, 0, 1)), task- and layer-wise
+ADAMERGING_RANGE = (0.0, 1.0)
+register_method(Method("adamerging_taskwise", coefficients="task", scaling=0.3, lambda_range=ADAMERGING_RANGE))
+register_method(Method("adamerging_layerwise", coefficients="layer", scaling=0.3, lambda_range=ADAMERGING_RANGE),
+                "adamerging")
 register_method(
     Method(
         "cart_pp", base="average", matrices="svd", matrix_set="layers", rank=CART_RANK, scaling=1.0,
@@ -61,7 +64,10 @@ register_method(dataclasses.replace(METHODS["adarank_cart"], name="adarank_cart_
 # AWD (papers/003): TA and layer-wise AdaMerging on τ_i − δ; λ = 0.3 (first of the paper's grid, and its
 # AdaMerging init). Other methods compose: get_method("cart", transform=AWD()) or with_awd("cart").
 register_method(Method("awd_ta", scaling=0.3, transform=AWD()), "awd_task_arithmetic")
-register_method(Method("awd_adamerging", coefficients="layer", scaling=0.3, transform=AWD()), "awd_adamerging_layerwise")
+register_method(
+    Method("awd_adamerging", coefficients="layer", scaling=0.3, transform=AWD(), lambda_range=ADAMERGING_RANGE),
+    "awd_adamerging_layerwise",
+)
 
 
 def get_method(method: str | Method, **options: Any) -> Method:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, Mapping
 from torch import Tensor
 
 from ..decompose import Factors, check_svd, truncated_svd
+from ..layers import check_coef_range
 from ..targets import MATRIX_SETS
 
 __all__ = ["Method", "Transform", "TaskVectorProvider", "UnknownMethodError"]
@@ -81,6 +82,9 @@ class Method:
         mask_rank: components initially switched on per task (None: all).
         mask_init: |ℓ| at initialisation (ℓ = +mask_init on, −mask_init off; AdaRank's code uses 0.1).
         temperature: the straight-through temperature.
+        lambda_range: (low, high): λ is clamped to it in every forward pass and in ``fuse()``, as AdaMerging's
+            code does with ``torch.clamp(lambdas_raw, 0, 1)``. No gradient reaches a λ beyond the range. None means
+            λ is not clamped.
         svd: the truncated-SVD solver (``decompose.SVD_SOLVERS``): ``"exact"`` (default),
             ``"randomized"`` or ``"auto"``.
         svd_options: the solver's options, e.g. ``{"oversample": 20, "power_iters": 6}`` for
@@ -100,6 +104,7 @@ class Method:
     mask_rank: int | float | None = None
     mask_init: float = 0.1
     temperature: float = 10.0
+    lambda_range: tuple[float, float] | None = None
     svd: str = "exact"
     svd_options: dict[str, Any] | None = None
     transform: Transform = field(default_factory=Transform)
@@ -123,6 +128,10 @@ class Method:
             raise ValueError(f"mask_init={self.mask_init!r} must be positive")
         if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
             raise ValueError(f"scaling={self.scaling!r} must be a number")
+        object.__setattr__(self, "lambda_range", check_coef_range(self.lambda_range, "lambda_range"))
+        if self.lambda_range is not None and not self.lambda_range[0] <= self.scaling <= self.lambda_range[1]:
+            raise ValueError(f"scaling={self.scaling!r} lies outside lambda_range={self.lambda_range}: the initial λ "
+                             "would be clamped (give lambda_range=None for no clamp, or a range that holds it)")
 
     @property
     def is_adaptive(self) -> bool:

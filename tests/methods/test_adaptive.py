@@ -91,6 +91,48 @@ def test_settings_follow_the_papers():
     assert (pp.base, pp.rank, pp.coefficients, pp.scaling, pp.dense) == ("average", 0.08, "layer", 1.0, True)
 
 
+def test_adamerging_clamps_lambda_to_0_1_as_its_code_and_the_others_do_not():
+    for name in ("adamerging_taskwise", "adamerging_layerwise", "awd_adamerging"):
+        assert mm.get_method(name).lambda_range == (0.0, 1.0), name
+    for name in ("task_arithmetic", "cart_pp", "adarank_ta", "adarank_cart"):  # AdaRank's clamp_weights is off
+        assert mm.get_method(name).lambda_range is None, name
+
+
+@pytest.mark.parametrize("method", ["adamerging_taskwise", "adamerging_layerwise"])
+def test_lambda_beyond_the_range_acts_as_its_bound_in_forward_and_fuse(setting, method):
+    """The authors' rule: the merged weights use clamp(λ_raw, 0, 1); λ_raw itself is left as trained."""
+    merged, reference = mm.merge(*setting, method), mm.merge(*setting, method, lambda_range=None)
+    raw = {}
+    with torch.no_grad():
+        for i, (p, q) in enumerate(zip(merged.parameters(), reference.parameters())):
+            values = torch.tensor([-0.4, 1.7, 0.25])[torch.arange(p.numel()) % 3].reshape(p.shape) + 0.01 * i
+            p.copy_(values), q.copy_(values.clamp(0, 1))
+            raw[i] = values
+    _assert_same_tensors(merged, reference)
+    assert all(torch.equal(p.detach(), raw[i]) for i, p in enumerate(merged.parameters()))
+    with torch.no_grad():
+        assert torch.equal(merged.fuse()(_x()), reference.fuse()(_x()))
+
+
+def test_no_gradient_reaches_a_lambda_beyond_the_range(setting):
+    merged = mm.merge(*setting, "adamerging_taskwise")
+    (coef,) = merged.parameters()
+    with torch.no_grad():
+        coef.copy_(torch.tensor([-0.2, 0.5, 1.3]))
+    merged(_x()).square().sum().backward()
+    assert coef.grad[0] == 0 and coef.grad[2] == 0 and coef.grad[1] != 0
+
+
+def test_lambda_range_is_checked():
+    with pytest.raises(ValueError, match=r"scaling=1.5 lies outside lambda_range=\(0.0, 1.0\)"):
+        mm.get_method("adamerging", scaling=1.5)
+    assert mm.get_method("adamerging", scaling=1.5, lambda_range=None).lambda_range is None
+    assert mm.get_method("adamerging", lambda_range=[-1, 2]).lambda_range == (-1.0, 2.0)  # JSON lists are read
+    for bad in ((1.0, 0.0), (0.0, float("inf")), (0.0,), "01", (True, 2.0)):
+        with pytest.raises(ValueError, match="lambda_range="):
+            mm.get_method("adamerging", lambda_range=bad)
+
+
 def test_taskwise_lambda_is_one_vector_shared_by_all_tensors(setting):
     merged = mm.merge(*setting, "adamerging_taskwise")
     params = list(merged.parameters())
