@@ -101,7 +101,9 @@ def _read_merge_state(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # copies in fresh (64-byte aligned) memory, not views into the mapped file at whatever offset the header
+            # leaves: BLAS rounds unaligned data differently, and the rebuilt model must equal the saved one bit for bit
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from err
     if FORMAT not in metadata:
