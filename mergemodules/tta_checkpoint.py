@@ -51,8 +51,12 @@ def fingerprint(merged: nn.Module) -> dict[str, Any]:
     """
     method = getattr(merged, "method", None)
     fields = [] if method is None else [f.name for f in dataclasses.fields(method) if f.name != "transform"]
+    defaults = {} if method is None else {f.name: f.default for f in dataclasses.fields(method)
+                                          if f.default is not dataclasses.MISSING}
     return {
         "method": {name: json.dumps(getattr(method, name), default=repr) for name in fields},
+        # an option added after a checkpoint was written counts as its default there (e.g. lambda_range: None)
+        "method_defaults": {name: json.dumps(value, default=repr) for name, value in defaults.items()},
         "num_tasks": getattr(merged, "num_tasks", None),
         "tensors": {
             f"{name}.{key}": _digest(tensor)
@@ -66,6 +70,8 @@ def _fingerprint_difference(saved: Mapping[str, Any], current: Mapping[str, Any]
     """Which part of two merge fingerprints differs first, in words; None if they agree."""
     for option in sorted(set(saved["method"]) | set(current["method"])):
         old, new = saved["method"].get(option), current["method"].get(option)
+        if option not in saved["method"] and new == current.get("method_defaults", {}).get(option):
+            continue
         if old != new:
             return f"the method option {option!r} differs: checkpoint {old}, this merge {new}"
     if saved["num_tasks"] != current["num_tasks"]:

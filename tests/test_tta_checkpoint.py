@@ -50,3 +50,24 @@ def test_a_checkpoint_with_the_old_layer_names_resumes(tmp_path) -> None:
     history = mm.adapt(resumed, tasks(), steps=4, lr=0.02, seed=1, checkpoint=path, resume=True)
     assert history == expected
     assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), uninterrupted.parameters()))
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_where_the_option_is_at_its_default(tmp_path) -> None:
+    """A checkpoint written before ``lambda_range`` existed resumes for a method without a clamp, not for one with."""
+    import pytest
+
+    import mergemodules as mm
+    from tta_setup import models, tasks
+
+    for method, resumes in (("adarank_ta", True), ("adamerging_layerwise", False)):
+        path = tmp_path / f"{method}.pt"
+        mm.adapt(mm.merge(*models(), method), tasks(), steps=2, lr=0.02, seed=1, checkpoint=path)
+        state = torch.load(path, weights_only=True)
+        del state["fingerprint"]["method"]["lambda_range"]
+        torch.save(state, path)
+        resumed = mm.merge(*models(), method)
+        if resumes:
+            assert len(mm.adapt(resumed, tasks(), steps=3, lr=0.02, seed=1, checkpoint=path, resume=True)) == 3
+        else:
+            with pytest.raises(ValueError, match="'lambda_range' differs"):
+                mm.adapt(resumed, tasks(), steps=3, lr=0.02, seed=1, checkpoint=path, resume=True)
