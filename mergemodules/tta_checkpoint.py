@@ -50,13 +50,12 @@ def fingerprint(merged: nn.Module) -> dict[str, Any]:
     tensor of the merged tensors (B, factors or Δ) from its shape, dtype and a few sampled values.
     """
     method = getattr(merged, "method", None)
-    fields = [] if method is None else [f.name for f in dataclasses.fields(method) if f.name != "transform"]
-    defaults = {} if method is None else {f.name: f.default for f in dataclasses.fields(method)
-                                          if f.default is not dataclasses.MISSING}
+    fields = [] if method is None else [f for f in dataclasses.fields(method) if f.name != "transform"]
     return {
-        "method": {name: json.dumps(getattr(method, name), default=repr) for name in fields},
+        "method": {f.name: json.dumps(getattr(method, f.name), default=repr) for f in fields},
         # an option added after a checkpoint was written counts as its default there (e.g. lambda_range: None)
-        "method_defaults": {name: json.dumps(value, default=repr) for name, value in defaults.items()},
+        "method_defaults": {f.name: json.dumps(f.default, default=repr) for f in fields
+                            if f.default is not dataclasses.MISSING},
         "num_tasks": getattr(merged, "num_tasks", None),
         "tensors": {
             f"{name}.{key}": _digest(tensor)

@@ -44,6 +44,18 @@ def test_merge_state_keeps_the_lambda_range(tmp_path):
         torch.testing.assert_close(rebuilt(x), merged(x), rtol=0, atol=0)
 
 
+def test_a_tampered_lambda_range_is_an_error_naming_the_file_and_tensor(tmp_path):
+    _, merged = merged_vit("adamerging_layerwise")
+    path = save_merge_state(merged, tmp_path / "state.safetensors")
+
+    def edit(header, tensors):
+        name = next(n for n, info in header["tensors"].items() if "coef_range" in info)
+        header["tensors"][name]["coef_range"] = [1.0, float("nan")]
+    _rewrite(path, edit)
+    with pytest.raises(ValueError, match=r"state\.safetensors.*tensor .*coef_range=\[1\.0, nan\]"):
+        load_merge_state(timm_vit(), path)
+
+
 def test_merge_state_keeps_tied_and_in_out_weights(tmp_path):
     pretrained = hf_gpt2().eval()
     merged = mm.merge(pretrained, [perturbed(pretrained, 1), perturbed(pretrained, 2)], "cart")
