@@ -22,7 +22,7 @@ import sys
 import time
 
 from . import plugins, presets
-from .report import run_seeds, run_suite, seeds_from_json
+from .report import given_choices, run_seeds, run_suite, seeds_from_json
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", default=None, help="directory for the plots (e.g. benchmarks/plots)")
     p.add_argument("--json", default=None, help="directory for the raw results as JSON (default: the zoo directory)")
     p.add_argument("--methods", default=None, help="comma-separated row labels to run (default: all)")
+    p.add_argument("--chosen-from", default=None, metavar="JSON",
+                   help="with --methods and one seed: the rows not run hand on their choices (CART's λ, AWD-TA's α) "
+                        "from this earlier results JSON of the same suite and seed")
     p.add_argument("--tta-steps", type=int, default=None,
                    help="the adaptation's step budget (it stops earlier at a plateau unless --full)")
     p.add_argument("--adarank-lr", type=float, default=None,
@@ -126,7 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             rc = presets.replace(rc, adarank_lr=args.adarank_lr)
             preset += f"-adarank{args.adarank_lr:g}"
         seeds = args.seeds or (presets.FULL_SEEDS if args.full else (cfg.seed,))
-        kw = dict(cache_dir=args.cache, rebuild=args.rebuild, results_md=args.results, plots_dir=args.plots,
+        given = None
+        if args.chosen_from:
+            if not args.methods or len(seeds) > 1:
+                p.error("--chosen-from: needs --methods and one seed (--seeds N)")
+            try:
+                given = given_choices(args.chosen_from, presets.replace(cfg, seed=seeds[0]))
+            except ValueError as e:
+                p.error(f"--chosen-from: {e}")
+        kw = dict(given=given, cache_dir=args.cache, rebuild=args.rebuild, results_md=args.results, plots_dir=args.plots,
                   json_dir=args.json, command=command.strip(), preset=preset, device=args.device)
         if len(seeds) > 1:
             out = run_seeds(cfg, rc, seeds, **kw)

@@ -313,14 +313,17 @@ def _body(cfg: SuiteConfig, zoo: Zoo, results: list[T.Result], sweep, diag, rel:
 def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None, rebuild: bool = False,
               results_md: str | None = None, plots_dir: str | None = None, json_dir: str | None = None,
               command: str = "python -m benchmarks.accuracy", preset: str = "default",
-              device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Build (or reuse) the zoo on ``device``, run every row, write JSON, plots and this suite's RESULTS.md section."""
+              device: str | torch.device = "cpu", given: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Build (or reuse) the zoo on ``device``, run every row, write JSON, plots and this suite's RESULTS.md section.
+
+    ``given``: choices of rows not run here (:func:`given_choices`), handed on to the rows that need them.
+    """
     t0, c0 = time.time(), time.process_time()
     load_start = _load()
     zoo = build_zoo(cfg, cache_dir, rebuild=rebuild, device=device)
     t_zoo = time.time() - t0
     keep: dict[str, dict[str, torch.Tensor]] = {}
-    results = T.run_all(zoo, rc, keep=keep, cache=not rebuild)
+    results = T.run_all(zoo, rc, keep=keep, cache=not rebuild, given=given)
     sweep = _cached(zoo, "cart rank sweep", {"ranks": rc.cart_ranks}, lambda: T.cart_rank_sweep(zoo, rc.cart_ranks),
                     not rebuild) if rc.cart_ranks else []
     diag = _cached(zoo, "diagnostics", {"fractions": SPECTRUM_FRACTIONS}, lambda: _diagnostics(zoo), not rebuild)
@@ -352,6 +355,21 @@ def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None
         write_section(results_md, tag, _body(cfg, zoo, results, sweep, diag, rel, extra, built, rc))
     return {"zoo": zoo, "results": results, "table": accuracy_table(zoo, results), "orderings": ordering_lines(results),
             "summary": summary, "json": json_path, "plots": plot_paths}
+
+
+def given_choices(path: str, cfg: SuiteConfig) -> dict[str, dict[str, Any]]:
+    """Every row's chosen settings (λ, α, ...) from an earlier run's JSON on the same suite configuration and seed."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+        earlier, results = obj["config"], obj["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a benchmark results JSON ({e})") from None
+    ours = json.loads(json.dumps(cfg.to_json(), default=float))
+    if earlier != ours:
+        diff = sorted(k for k in set(earlier) | set(ours) if earlier.get(k) != ours.get(k))
+        raise ValueError(f"{path}: ran on another zoo configuration (differs in {', '.join(diff)})")
+    return {r["label"]: r["chosen"] for r in results if r.get("status") == "ok"}
 
 
 # --------------------------------------------------------------------------- seeds

@@ -56,6 +56,7 @@ class Row:
     tta: bool = False
     options: tuple[tuple[str, Any], ...] = ()
     init_from: str | None = None  # take the initial λ from another row's chosen λ (CART+AdaRank)
+    alpha_from: str | None = None  # take AWD's α from another row's chosen α (AWD-AdaMerging)
 
 
 ROWS: tuple[Row, ...] = (
@@ -72,7 +73,7 @@ ROWS: tuple[Row, ...] = (
     Row("TA+AdaRank", "adarank_ta", tta=True),
     Row("CART+AdaRank", "adarank_cart", tta=True, init_from="CART"),
     Row("AWD-TA", "awd_ta", grid=AWD_SCALING_GRID),
-    Row("AWD-AdaMerging", "awd_adamerging", tta=True),
+    Row("AWD-AdaMerging", "awd_adamerging", tta=True, alpha_from="AWD-TA"),
 )
 
 #: the papers' orderings (item 8 of issue #12): checked on every suite with paired intervals
@@ -365,6 +366,16 @@ def _options(row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]], res: Re
     return options
 
 
+def _handed_alpha(row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]) -> float:
+    """AWD's α for a row without an α grid: the ``alpha_from`` row's choice, or the only α of ``rc.awd_alphas``."""
+    if row.alpha_from and "alpha" in chosen.get(row.alpha_from, {}):
+        return chosen[row.alpha_from]["alpha"]
+    if len(rc.awd_alphas) == 1:
+        return rc.awd_alphas[0]
+    raise ValueError(f"{row.label}: its α comes from the {row.alpha_from} row (awd_alphas has {len(rc.awd_alphas)} "
+                     "values); run that row too")
+
+
 def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]],
             keep: dict[str, nn.Module] | None = None, scratch: Path | None = None) -> Result:
     """Run one row: merge, choose (grid on val / paper value / adaptation), evaluate on test.
@@ -383,7 +394,7 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
             grid = (rc.grid if rc.grid is not None else row.grid) if row.grid else ()
             alphas: tuple[float | None, ...] = (None,)
             if row.method.startswith("awd"):
-                alphas = rc.awd_alphas if grid else (chosen.get("AWD-TA", {}).get("alpha", rc.awd_alphas[0]),)
+                alphas = rc.awd_alphas if grid else (_handed_alpha(row, rc, chosen),)
             best: tuple[float, nn.Module, dict[str, Any]] | None = None
             for alpha in alphas:
                 opts = dict(options) | ({"alpha": alpha} if alpha is not None else {})
@@ -421,18 +432,33 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
     return res
 
 
+def _sources(rc: RunConfig, given: set[str]) -> set[str]:
+    """The rows that ``rc.rows`` take a choice from (CART's λ, AWD-TA's α) and that ``given`` does not supply."""
+    assert rc.rows is not None
+    rows = [r for r in ROWS if r.label in rc.rows]
+    need = {r.init_from for r in rows if r.init_from}
+    need |= {r.alpha_from for r in rows if r.alpha_from and len(rc.awd_alphas) > 1}
+    return need - given
+
+
 def run_all(zoo: Zoo, rc: RunConfig, keep: dict[str, dict[str, torch.Tensor]] | None = None,
-            on_result: Callable[[Result], None] | None = None, cache: bool = True) -> list[Result]:
-    """Every row of :data:`ROWS` (or ``rc.rows`` and the rows their initial λ comes from) in order.
+            on_result: Callable[[Result], None] | None = None, cache: bool = True,
+            given: dict[str, dict[str, Any]] | None = None) -> list[Result]:
+    """Every row of :data:`ROWS` (or ``rc.rows`` and the rows their handed-on choices come from) in order.
 
     ``keep`` receives the hard masks of the :data:`KEEP_FOR_PLOTS` rows; with ``cache`` a row whose inputs are
-    unchanged is read from :mod:`rowcache` instead of run, and every row run is stored there.
+    unchanged is read from :mod:`rowcache` instead of run, and every row run is stored there. ``given``: the
+    choices of rows not run here (label -> chosen settings, from an earlier run on the same zoo), handed on as if
+    those rows had run, so a subset re-run starts from the earlier run's λ and α.
     """
-    wanted = None if rc.rows is None else set(rc.rows) | {r.init_from for r in ROWS if r.label in rc.rows and r.init_from}
+    given = given or {}
+    wanted = None if rc.rows is None else set(rc.rows) | _sources(rc, set(given))
     chosen: dict[str, dict[str, Any]] = {}
     results = []
     for row in ROWS:
         if wanted is not None and row.label not in wanted:
+            if row.label in given:
+                chosen[row.label] = given[row.label]
             continue
         k = rowcache.key(zoo, row.label, rc, chosen)
         hit = rowcache.load(zoo, row.label, k) if cache else None

@@ -1,8 +1,12 @@
 """The report's numbers: normalized accuracy, the seeds table, the RESULTS sections."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
+from tiny import tiny_text_config  # tests/bench/tiny.py
 
 from benchmarks.accuracy import report as R
 from benchmarks.accuracy import table as T
@@ -70,8 +74,6 @@ def test_diagnostics_line_states_the_numbers():
 
 
 def _results_json(path, seed: int, cart: float, preset: str = "full", suite: str = "decoder") -> str:
-    import json
-
     results = [_result("Individual", {"a": 0.8}), _result("Weight Averaging", {"a": cart - 0.02}),
                _result("CART", {"a": cart})]
     obj = {"suite": suite, "preset": preset, "config": {"seed": seed}, "results": [r.to_json() for r in results],
@@ -120,3 +122,17 @@ def test_cli_seeds_from_prints_the_table_and_names_a_bad_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--seeds-from", paths[0], str(tmp_path / "missing.json")])
     assert exit_info.value.code == 2 and "missing.json: not a results-*.json file" in capsys.readouterr().err
+
+
+def test_given_choices_come_from_a_json_of_the_same_configuration_only(tmp_path):
+    cfg = tiny_text_config()
+    path = tmp_path / "results.json"
+    rows = [{"label": "AWD-TA", "status": "ok", "chosen": {"alpha": 1e-4, "scaling": 0.3}},
+            {"label": "CART", "status": "diverged", "chosen": {"scaling": 0.5}}]
+    path.write_text(json.dumps({"config": cfg.to_json(), "results": rows}))
+    assert R.given_choices(str(path), cfg) == {"AWD-TA": {"alpha": 1e-4, "scaling": 0.3}}
+    with pytest.raises(ValueError, match=r"results\.json: ran on another zoo configuration \(differs in seed\)"):
+        R.given_choices(str(path), dataclasses.replace(cfg, seed=cfg.seed + 1))
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"bad\.json: not a benchmark results JSON"):
+        R.given_choices(str(tmp_path / "bad.json"), cfg)

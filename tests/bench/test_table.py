@@ -102,6 +102,27 @@ def test_a_row_subset_runs_the_rows_its_initial_lambda_comes_from(text_zoo):
     assert all(isinstance(v, np.ndarray) for v in results[1].correct.values())
 
 
+def test_awd_adamerging_takes_awd_ta_alpha_and_never_falls_back_to_a_grid_value(text_zoo):
+    rc = T.RunConfig(rows=("AWD-AdaMerging",), awd_alphas=(1e-2, 1e-4), awd_steps=1, grid=(0.5,), tta_steps=1,
+                     track_examples=4)
+    results = T.run_all(text_zoo, rc, cache=False)
+    assert [r.label for r in results] == ["AWD-TA", "AWD-AdaMerging"]
+    assert results[1].chosen["alpha"] == results[0].chosen["alpha"]
+    row = next(r for r in T.ROWS if r.label == "AWD-AdaMerging")
+    with pytest.raises(ValueError, match="AWD-AdaMerging: its α comes from the AWD-TA row"):
+        T.run_row(text_zoo, row, rc, {})
+    assert T._handed_alpha(row, dataclasses.replace(rc, awd_alphas=(1e-3,)), {}) == 1e-3  # one value: no choice
+
+
+def test_a_row_subset_takes_the_choices_of_rows_not_run_from_given(text_zoo):
+    rc = T.RunConfig(rows=("CART+AdaRank", "AWD-AdaMerging"), awd_alphas=(1e-2, 1e-4), awd_steps=1, tta_steps=1,
+                     track_examples=4)
+    given = {"CART": {"scaling": 0.7}, "AWD-TA": {"alpha": 1e-4, "scaling": 0.3}}
+    results = T.run_all(text_zoo, rc, cache=False, given=given)
+    assert [r.label for r in results] == ["CART+AdaRank", "AWD-AdaMerging"]
+    assert results[0].chosen["scaling_init"] == 0.7 and results[1].chosen["alpha"] == 1e-4
+
+
 def test_adarank_rows_take_their_own_rate(text_zoo):
     rc = T.RunConfig(tta_steps=1, track_every=1, plateau_window=1, track_examples=4, tta_lr=1e-3, adarank_lr=5e-5)
     ada = T.run_row(text_zoo, T.Row("TA+AdaRank", "adarank_ta", tta=True), rc, {})
