@@ -216,28 +216,39 @@ def _paper_scaling(method: str) -> float:
     return float(mergemodules.get_method(method).scaling)
 
 
-def _grid(zoo: Zoo, merged: nn.Module, row: Row, grid: tuple[float, ...], rc: RunConfig) -> dict[str, Any]:
-    """Score λ on val (ties to the smaller λ); the paper's λ and, if asked, every λ on test beside it."""
+def _grid(zoo: Zoo, merged: nn.Module, row: Row, grid: tuple[float, ...]) -> dict[str, Any]:
+    """Score every λ of ``grid`` on val (ties to the smaller λ) and the paper's λ beside them; sets the chosen λ."""
     paper = _paper_scaling(row.method)
-    scores, test_curve, paper_val = [], [], None
+    scores, paper_val = [], None
     for lam in _progress(grid, desc=f"{row.label}: λ grid"):
         _set_scaling(merged, lam)
-        fused = merged.fuse()
-        val = _accuracies(predict(zoo, fused, "val"))
+        val = _accuracies(predict(zoo, merged.fuse(), "val"))
         scores.append((lam, _mean(val), val))
         if lam == paper:
             paper_val = val
-        if rc.grid_on_test:
-            test_curve.append((lam, _mean(_accuracies(predict(zoo, fused, "test")))))
-    best = max(scores, key=lambda s: (s[1], -s[0]))
-    _set_scaling(merged, paper)
-    fused = merged.fuse()
     if paper_val is None:
-        paper_val = _accuracies(predict(zoo, fused, "val"))
-    paper_test = _accuracies(predict(zoo, fused, "test"))
+        _set_scaling(merged, paper)
+        paper_val = _accuracies(predict(zoo, merged.fuse(), "val"))
+    best = max(scores, key=lambda s: (s[1], -s[0]))
     _set_scaling(merged, best[0])
-    return {"scaling": best[0], "val": best[2], "curves": {"val": [(lam, m) for lam, m, _ in scores], "test": test_curve},
-            "paper": {"scaling": paper, "val_mean": _mean(paper_val), "test": paper_test, "test_mean": _mean(paper_test)}}
+    return {"scaling": best[0], "val": best[2], "curves": {"val": [(lam, m) for lam, m, _ in scores], "test": []},
+            "paper": {"scaling": paper, "val_mean": _mean(paper_val)}}
+
+
+def _grid_on_test(zoo: Zoo, merged: nn.Module, info: dict[str, Any], grid: tuple[float, ...], curve: bool) -> None:
+    """Fill in the chosen merge's test accuracy at the paper's λ and, with ``curve``, at every λ of ``grid``.
+
+    Run once, for the winning α only (AWD-TA scores several): the test numbers never choose anything.
+    """
+    paper = info["paper"]
+    if curve:
+        for lam in _progress(grid, desc="λ curve on test"):
+            _set_scaling(merged, lam)
+            info["curves"]["test"].append((lam, _mean(_accuracies(predict(zoo, merged.fuse(), "test")))))
+    _set_scaling(merged, paper["scaling"])
+    paper["test"] = _accuracies(predict(zoo, merged.fuse(), "test"))
+    paper["test_mean"] = _mean(paper["test"])
+    _set_scaling(merged, info["scaling"])
 
 
 # --------------------------------------------------------------------------- adaptation
@@ -401,7 +412,7 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
                 merged = _merge(zoo, row.method, **opts)
                 info: dict[str, Any] = {"alpha": alpha} if alpha is not None else {}
                 if grid:
-                    info.update(_grid(zoo, merged, row, grid, rc))
+                    info.update(_grid(zoo, merged, row, grid))
                     score = _mean(info["val"])
                 else:
                     score = 0.0
@@ -413,6 +424,8 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
                     best = (score, merged, info)
             assert best is not None
             _, merged, info = best
+            if grid:
+                _grid_on_test(zoo, merged, info, grid, rc.grid_on_test)
             res.val, res.paper, res.curves = info.pop("val", {}), info.pop("paper", {}), info.pop("curves", {})
             res.adaptation = info.pop("adaptation", {})
             res.chosen.update(info)

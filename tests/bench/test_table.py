@@ -34,6 +34,18 @@ def test_grid_reports_the_paper_lambda_beside_the_val_choice(text_zoo):
     assert res.paper["test_mean"] == pytest.approx(test[0.3]) and res.mean == pytest.approx(test[res.chosen["scaling"]])
 
 
+def test_awd_ta_scores_test_only_for_the_alpha_chosen_on_val(text_zoo, monkeypatch):
+    splits = []
+    predict = T.predict
+    monkeypatch.setattr(T, "predict", lambda zoo, model, split: splits.append(split) or predict(zoo, model, split))
+    rc = T.RunConfig(grid=(0.3, 0.6), grid_on_test=True, awd_alphas=(1e-2, 1e-4), awd_steps=1)
+    res = T.run_row(text_zoo, T.Row("AWD-TA", "awd_ta", grid=T.AWD_SCALING_GRID), rc, {})
+    assert splits.count("val") == 2 * 2  # each α: the λ grid (0.3, the paper's λ, is in it)
+    assert splits.count("test") == 2 + 1 + 1  # chosen α only: the λ curve, the paper's λ, the chosen λ
+    test = dict(res.curves["test"])
+    assert res.mean == pytest.approx(test[res.chosen["scaling"]]) and res.paper["test_mean"] == pytest.approx(test[0.3])
+
+
 def test_adaptation_is_transductive_and_shows_its_evidence(text_zoo):
     rc = T.RunConfig(tta_steps=8, track_every=2, plateau_window=4, track_examples=8, tta_lr=0.05, stop_at_plateau=False)
     res = T.run_row(text_zoo, T.Row("TA+AdaRank", "adarank_ta", tta=True), rc, {})
