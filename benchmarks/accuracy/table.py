@@ -461,8 +461,8 @@ def run_all(zoo: Zoo, rc: RunConfig, keep: dict[str, dict[str, torch.Tensor]] | 
 
     ``keep`` receives the hard masks of the :data:`KEEP_FOR_PLOTS` rows; with ``cache`` a row whose inputs are
     unchanged is read from :mod:`rowcache` instead of run, and every row run is stored there. ``given``: the
-    choices of rows not run here (label -> chosen settings, from an earlier run on the same zoo), handed on as if
-    those rows had run, so a subset re-run starts from the earlier run's λ and α.
+    choices of rows not run here (label -> chosen settings, from an earlier run of the same configuration and
+    seed), handed on as if those rows had run, so a subset re-run starts from the earlier run's λ and α.
     """
     given = given or {}
     wanted = None if rc.rows is None else set(rc.rows) | _sources(rc, set(given))
