@@ -19,8 +19,10 @@ DEFAULT_TEXT_TASKS = ("wordnet_noun", "foldoc")
 # wordnet_noun +32.2, foldoc +27.7, fortune_lang +25.0, wordnet_verb +23.5 points over the zero-shot head;
 # fortune_topic +14.1 and fortune_de +5.1, MiniLM being an English model, were dropped), at ≤ 48 tokens. A seed
 # has to finish within one working session of a 2-core machine whose zoo cannot be carried to the next (another
-# CPU fine-tunes to other weights): 6 tasks at 64 tokens cost 3.2 s an adaptation step and 3-4 h a seed; these
-# 4 tasks at 48 tokens cost about half of each (16 × 145 tokens a step against 16 × 305).
+# CPU fine-tunes to other weights): 6 tasks at 64 tokens cost 3.2 s an adaptation step and 3-4 h a seed. The
+# adaptation's joined forward pads every task to the longest input, so a step is now 4 × 16 inputs of 48 tokens
+# against 6 × 16 of 64; measured (seed 0, Intel Xeon, 2 threads): 109 min a seed, zoo 13 min, 1.2-1.7 s an
+# AdaMerging step, 1.6-3 s an AdaRank step.
 FULL_TEXT_TASKS = ("fortune_lang", "wordnet_noun", "foldoc", "wordnet_verb")
 FULL_TEXT_MAX_LEN = 48
 SUITES = ("text", "vision")  # what --suite all runs
