@@ -362,14 +362,17 @@ def given_choices(path: str, cfg: SuiteConfig) -> dict[str, dict[str, Any]]:
     try:
         with open(path) as f:
             obj = json.load(f)
-        earlier, results = obj["config"], obj["results"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a benchmark results JSON ({e})") from None
+        earlier = obj["config"]
+        if not isinstance(earlier, dict):
+            raise TypeError("its config is not an object")
+        given = {r["label"]: dict(r["chosen"]) for r in obj["results"] if r.get("status") == "ok"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a benchmark results JSON ({type(e).__name__}: {e})") from None
     ours = json.loads(json.dumps(cfg.to_json(), default=float))
     if earlier != ours:
         diff = sorted(k for k in set(earlier) | set(ours) if earlier.get(k) != ours.get(k))
         raise ValueError(f"{path}: ran on another zoo configuration (differs in {', '.join(diff)})")
-    return {r["label"]: r["chosen"] for r in results if r.get("status") == "ok"}
+    return given
 
 
 # --------------------------------------------------------------------------- seeds

@@ -240,13 +240,15 @@ def _grid_on_test(zoo: Zoo, merged: nn.Module, info: dict[str, Any], grid: tuple
 
     Run once, for the winning α only (AWD-TA scores several): the test numbers never choose anything.
     """
-    paper = info["paper"]
-    if curve:
-        for lam in _progress(grid, desc="λ curve on test"):
-            _set_scaling(merged, lam)
-            info["curves"]["test"].append((lam, _mean(_accuracies(predict(zoo, merged.fuse(), "test")))))
-    _set_scaling(merged, paper["scaling"])
-    paper["test"] = _accuracies(predict(zoo, merged.fuse(), "test"))
+    paper, tests = info["paper"], {}
+    for lam in (_progress(grid, desc="λ curve on test") if curve else ()):
+        _set_scaling(merged, lam)
+        tests[lam] = _accuracies(predict(zoo, merged.fuse(), "test"))
+        info["curves"]["test"].append((lam, _mean(tests[lam])))
+    if paper["scaling"] not in tests:  # the paper's λ off the grid, or no curve asked for
+        _set_scaling(merged, paper["scaling"])
+        tests[paper["scaling"]] = _accuracies(predict(zoo, merged.fuse(), "test"))
+    paper["test"] = tests[paper["scaling"]]
     paper["test_mean"] = _mean(paper["test"])
     _set_scaling(merged, info["scaling"])
 
@@ -368,23 +370,25 @@ def _set_test(res: Result, pred: dict[str, dict[str, np.ndarray]]) -> None:
 def _options(row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]], res: Result) -> dict[str, Any]:
     options = dict(row.options)
     if row.init_from:
-        if "scaling" not in chosen.get(row.init_from, {}):
-            raise ValueError(f"{row.label}: its initial λ comes from the {row.init_from} row; run that row too")
-        options["scaling"] = chosen[row.init_from]["scaling"]
+        options["scaling"] = _handed(row, row.init_from, "scaling", chosen, "initial λ")
         res.chosen["scaling_init"] = options["scaling"]
     if row.method.startswith("awd"):
         options["steps"] = rc.awd_steps
     return options
 
 
+def _handed(row: Row, source: str | None, key: str, chosen: dict[str, dict[str, Any]], what: str) -> Any:
+    """The ``key`` that the ``source`` row chose, handed on to ``row``; an error when that row has not run."""
+    if key not in chosen.get(source or "", {}):
+        raise ValueError(f"{row.label}: its {what} comes from the {source} row; run that row too")
+    return chosen[source][key]
+
+
 def _handed_alpha(row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]) -> float:
     """AWD's α for a row without an α grid: the ``alpha_from`` row's choice, or the only α of ``rc.awd_alphas``."""
-    if row.alpha_from and "alpha" in chosen.get(row.alpha_from, {}):
-        return chosen[row.alpha_from]["alpha"]
-    if len(rc.awd_alphas) == 1:
+    if len(rc.awd_alphas) == 1 and "alpha" not in chosen.get(row.alpha_from or "", {}):
         return rc.awd_alphas[0]
-    raise ValueError(f"{row.label}: its α comes from the {row.alpha_from} row (awd_alphas has {len(rc.awd_alphas)} "
-                     "values); run that row too")
+    return _handed(row, row.alpha_from, "alpha", chosen, "α")
 
 
 def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]],

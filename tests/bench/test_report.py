@@ -133,6 +133,8 @@ def test_given_choices_come_from_a_json_of_the_same_configuration_only(tmp_path)
     assert R.given_choices(str(path), cfg) == {"AWD-TA": {"alpha": 1e-4, "scaling": 0.3}}
     with pytest.raises(ValueError, match=r"results\.json: ran on another zoo configuration \(differs in seed\)"):
         R.given_choices(str(path), dataclasses.replace(cfg, seed=cfg.seed + 1))
-    (tmp_path / "bad.json").write_text("[]")
-    with pytest.raises(ValueError, match=r"bad\.json: not a benchmark results JSON"):
-        R.given_choices(str(tmp_path / "bad.json"), cfg)
+    for i, bad in enumerate(("[]", "{", '{"config": {}, "results": [1]}', '{"config": {}, "results": [{"status": "ok"}]}',
+                             '{"config": [], "results": []}')):
+        (tmp_path / f"bad{i}.json").write_text(bad)
+        with pytest.raises(ValueError, match=rf"bad{i}\.json: not a benchmark results JSON"):
+            R.given_choices(str(tmp_path / f"bad{i}.json"), cfg)

@@ -41,7 +41,7 @@ def test_awd_ta_scores_test_only_for_the_alpha_chosen_on_val(text_zoo, monkeypat
     rc = T.RunConfig(grid=(0.3, 0.6), grid_on_test=True, awd_alphas=(1e-2, 1e-4), awd_steps=1)
     res = T.run_row(text_zoo, T.Row("AWD-TA", "awd_ta", grid=T.AWD_SCALING_GRID), rc, {})
     assert splits.count("val") == 2 * 2  # each α: the λ grid (0.3, the paper's λ, is in it)
-    assert splits.count("test") == 2 + 1 + 1  # chosen α only: the λ curve, the paper's λ, the chosen λ
+    assert splits.count("test") == 2 + 1  # chosen α only: the λ curve (the paper's λ 0.3 among it), the chosen λ
     test = dict(res.curves["test"])
     assert res.mean == pytest.approx(test[res.chosen["scaling"]]) and res.paper["test_mean"] == pytest.approx(test[0.3])
 
@@ -124,6 +124,9 @@ def test_awd_adamerging_takes_awd_ta_alpha_and_never_falls_back_to_a_grid_value(
     with pytest.raises(ValueError, match="AWD-AdaMerging: its α comes from the AWD-TA row"):
         T.run_row(text_zoo, row, rc, {})
     assert T._handed_alpha(row, dataclasses.replace(rc, awd_alphas=(1e-3,)), {}) == 1e-3  # one value: no choice
+    cart_adarank = next(r for r in T.ROWS if r.label == "CART+AdaRank")
+    with pytest.raises(ValueError, match="CART\\+AdaRank: its initial λ comes from the CART row; run that row too"):
+        T.run_row(text_zoo, cart_adarank, rc, {})
 
 
 def test_a_row_subset_takes_the_choices_of_rows_not_run_from_given(text_zoo):
