@@ -120,16 +120,24 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> str:
-    """Write safetensors atomically (temporary file, then ``os.replace``); returns the file's sha256."""
+ZOO_METADATA_KEY = "mergemodules.zoo"
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, Any] | None = None) -> str:
+    """Write safetensors atomically (temporary file, then ``os.replace``); returns the file's sha256.
+
+    ``metadata`` is stored as one JSON string under ``ZOO_METADATA_KEY``: safetensors writes several metadata keys
+    in hash-map order, which differs from call to call, so the same tensors would get other bytes and sha256.
+    """
     from safetensors.torch import save_file
 
     from mergemodules.files import atomic_write
 
     digest: list[str] = []
+    header = None if metadata is None else {ZOO_METADATA_KEY: json.dumps(metadata, sort_keys=True)}
 
     def write(tmp: str) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=header)
         digest.append(sha256_file(tmp))
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -403,7 +411,7 @@ def _build_entry(cfg: SuiteConfig, td: bdata.TaskData, pretrained: nn.Module, en
     tensors = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
                **{f"head.{k}": v for k, v in head.state_dict().items()}}
     digest = atomic_save_tensors(tensors, os.path.join(directory, f"{ekey}.safetensors"),
-                                 metadata={"task": td.name, "classes": json.dumps(td.classes)})
+                                 metadata={"task": td.name, "classes": td.classes})
     sizes = {s: len(getattr(td, s)) for s in ("train", "val", "tta", "test")}
     entry = {"task": td.name, "file": f"{ekey}.safetensors", "sha256": digest, "seed": seed,
              "max_len": cfg.max_len if cfg.suite != "vision" else None, "source": td.source, "classes": td.classes,
