@@ -322,29 +322,38 @@ def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None
     load_start = _load()
     zoo = build_zoo(cfg, cache_dir, rebuild=rebuild, device=device)
     t_zoo = time.time() - t0
+    tag = f"{cfg.suite}-{preset}" + (f"-seed{cfg.seed}" if cfg.seed else "")
+    json_path = os.path.join(json_dir or zoo.directory, f"results-{tag}.json")
+    base = {"suite": cfg.suite, "config": cfg.to_json(), "zoo": zoo.directory,
+            "tasks": {t.name: {"n_test": len(t.y["test"]), "classes": len(t.data.classes), "source": t.data.source,
+                               "individual": t.entry["accuracy"], "linear_probe": t.entry.get("linear_probe_accuracy")}
+                      for t in zoo.tasks},
+            "command": command, "preset": preset, "run_config": dataclasses.asdict(rc),
+            "machine": machine_line(zoo.device)}
+
+    def save(rows: list[T.Result], **extra: Any) -> None:  # after every row too: a run cut short keeps its rows
+        obj = {**base, "rows_complete": False, "results": [r.to_json() for r in rows], **extra}
+        atomic_write_json(json.loads(json.dumps(obj, default=float)), json_path)
+
     keep: dict[str, dict[str, torch.Tensor]] = {}
-    results = T.run_all(zoo, rc, keep=keep, cache=not rebuild, given=given)
+    done: list[T.Result] = []
+    results = T.run_all(zoo, rc, keep=keep, cache=not rebuild, given=given,
+                        on_result=lambda r: (done.append(r), save(done)))
     sweep = _cached(zoo, "cart rank sweep", {"ranks": rc.cart_ranks}, lambda: T.cart_rank_sweep(zoo, rc.cart_ranks),
                     not rebuild) if rc.cart_ranks else []
+    save(results, rows_complete=True, cart_rank_sweep=sweep)  # before the diagnostics, which take minutes
     diag = _cached(zoo, "diagnostics", {"fractions": SPECTRUM_FRACTIONS}, lambda: _diagnostics(zoo), not rebuild)
     t_methods = time.time() - t0 - t_zoo
-    tag = f"{cfg.suite}-{preset}" + (f"-seed{cfg.seed}" if cfg.seed else "")
     plot_paths = _plots(zoo, results, sweep, diag, keep, plots_dir, tag) if plots_dir else {}
     keep.clear()
     total, cpu = time.time() - t0, time.process_time() - c0
-    extra = {"command": command, "preset": preset, "seconds": {"zoo": round(t_zoo, 1), "methods": round(t_methods, 1),
-                                                                 "total": round(total, 1), "cpu": round(cpu, 1)},
-             "zoo_rebuilt": zoo.rebuilt, "cart_rank_sweep": sweep, "plots": plot_paths, "run_config": dataclasses.asdict(rc),
-             "machine": machine_line(zoo.device), "load_average": {"start": load_start, "end": _load()}, "diagnostics": diag,
+    extra = {"seconds": {"zoo": round(t_zoo, 1), "methods": round(t_methods, 1), "total": round(total, 1),
+                         "cpu": round(cpu, 1)},
+             "zoo_rebuilt": zoo.rebuilt, "cart_rank_sweep": sweep, "plots": plot_paths,
+             "load_average": {"start": load_start, "end": _load()}, "diagnostics": diag,
              "orderings": ordering_lines(results),
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    obj = {"suite": cfg.suite, "config": cfg.to_json(), "zoo": zoo.directory,
-           "tasks": {t.name: {"n_test": len(t.y["test"]), "classes": len(t.data.classes), "source": t.data.source,
-                              "individual": t.entry["accuracy"], "linear_probe": t.entry.get("linear_probe_accuracy")}
-                     for t in zoo.tasks},
-           "results": [r.to_json() for r in results], **extra}
-    json_path = os.path.join(json_dir or zoo.directory, f"results-{tag}.json")
-    atomic_write_json(json.loads(json.dumps(obj, default=float)), json_path)
+    save(results, rows_complete=True, **extra)
     built = "built from scratch" if "pretrained" in zoo.rebuilt else (
         f"reused from the cache, {len(zoo.rebuilt)} entries rebuilt" if zoo.rebuilt else "reused from the cache")
     summary = (f"{cfg.suite}: zoo {built} in {t_zoo:.0f} s, methods {t_methods:.0f} s, total {total:.0f} s "
@@ -352,7 +361,7 @@ def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None
     if results_md:
         md_dir = os.path.dirname(os.path.abspath(results_md))
         rel = {k: os.path.relpath(os.path.abspath(v), md_dir) for k, v in plot_paths.items()}
-        write_section(results_md, tag, _body(cfg, zoo, results, sweep, diag, rel, extra, built, rc))
+        write_section(results_md, tag, _body(cfg, zoo, results, sweep, diag, rel, {**base, **extra}, built, rc))
     return {"zoo": zoo, "results": results, "table": accuracy_table(zoo, results), "orderings": ordering_lines(results),
             "summary": summary, "json": json_path, "plots": plot_paths}
 
@@ -456,7 +465,7 @@ def seeds_from_json(paths: Sequence[str], *, plots_dir: str | None = None,
                     results_md: str | None = None) -> dict[str, Any]:
     """The seeds section of runs made apart (e.g. one seed per GPU session), from their ``results-*.json`` files.
 
-    Every file must hold the same suite, preset and rows, each a different seed.
+    Every file must hold the same suite, preset and rows, each a different seed, from a run whose rows all ended.
     """
     runs, per_seed, orderings, first = [], {}, {}, None
     for path in paths:
@@ -467,6 +476,8 @@ def seeds_from_json(paths: Sequence[str], *, plots_dir: str | None = None,
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a results-*.json file of `python -m benchmarks.accuracy` ({err})") from None
         suite, preset, seed, labels = key
+        if obj.get("rows_complete") is False:  # files written before the flag existed were complete
+            raise ValueError(f"{path}: a run cut short (its rows so far: {', '.join(labels) or 'none'})")
         first = first or (path, suite, preset, labels)
         if (suite, preset, labels) != first[1:]:
             raise ValueError(f"{path}: suite {suite!r}, preset {preset!r} and its rows differ from {first[0]}'s "

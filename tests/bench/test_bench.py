@@ -106,6 +106,27 @@ def test_run_suite_writes_table_section_plots_and_keeps_other_sections(text_zoo,
     assert {"masks_CART+AdaRank", "adaptation", "lambda", "cosine", "spectra"} <= set(out["plots"])
     assert all(os.path.getsize(p) > 1000 for p in out["plots"].values())
     assert "CART+AdaRank" in text and "not run: Weight Averaging, TIES" in text
+    saved = json.loads(Path(out["json"]).read_text())
+    assert saved["rows_complete"] is True and saved["diagnostics"]["cosine"] and saved["command"] == "test"
+
+
+def test_a_run_cut_short_keeps_the_rows_it_ended_in_its_json(text_zoo, tmp_path, monkeypatch):
+    from benchmarks.accuracy.report import run_suite
+
+    run_row = T.run_row
+
+    def cut_at_cart(zoo, row, *args, **kwargs):
+        if row.label == "CART":
+            raise KeyboardInterrupt  # the machine taken back mid-row
+        return run_row(zoo, row, *args, **kwargs)
+
+    monkeypatch.setattr(T, "run_row", cut_at_cart)
+    rc = T.RunConfig(grid=(0.5,), seed=11, rows=("Weight Averaging", "Task Arithmetic", "CART"))
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(tiny_text_config(), rc, cache_dir=os.path.dirname(text_zoo.directory), json_dir=str(tmp_path))
+    saved = json.loads(next(tmp_path.glob("results-*.json")).read_text())
+    assert saved["rows_complete"] is False and saved["suite"] == "text"
+    assert [r["label"] for r in saved["results"]] == ["Weight Averaging", "Task Arithmetic"]
 
 
 def test_rows_are_read_back_from_the_row_cache_until_an_input_changes(text_zoo, monkeypatch, caplog):

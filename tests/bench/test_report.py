@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +109,11 @@ def test_seeds_from_json_refuses_files_that_do_not_belong_together(tmp_path):
         R.seeds_from_json([a, _results_json(tmp_path / "c.json", 0, 0.7)])
     with pytest.raises(ValueError, match="at least two seeds, got 1"):
         R.seeds_from_json([a])
+    cut = json.loads(Path(b).read_text())
+    cut.update(preset="full", rows_complete=False, results=cut["results"][:1])
+    Path(b).write_text(json.dumps(cut))
+    with pytest.raises(ValueError, match=r"b\.json: a run cut short \(its rows so far: Individual\)"):
+        R.seeds_from_json([a, b])
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(ValueError, match=r"x\.json: not a results-\*\.json file"):
         R.seeds_from_json([a, str(tmp_path / "x.json")])
