@@ -121,6 +121,7 @@ def test_a_run_cut_short_keeps_the_rows_it_ended_in_its_json(text_zoo, tmp_path,
         return run_row(zoo, row, *args, **kwargs)
 
     monkeypatch.setattr(T, "run_row", cut_at_cart)
+    monkeypatch.setattr(T.rowcache, "scratch", lambda *args: None)  # no resumable folder left in the shared zoo
     rc = T.RunConfig(grid=(0.5,), seed=11, rows=("Weight Averaging", "Task Arithmetic", "CART"))
     with pytest.raises(KeyboardInterrupt):
         run_suite(tiny_text_config(), rc, cache_dir=os.path.dirname(text_zoo.directory), json_dir=str(tmp_path))
