@@ -126,7 +126,7 @@ def test_a_run_cut_short_keeps_the_rows_it_ended_in_its_json(text_zoo, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         run_suite(tiny_text_config(), rc, cache_dir=os.path.dirname(text_zoo.directory), json_dir=str(tmp_path))
     saved = json.loads(next(tmp_path.glob("results-*.json")).read_text())
-    assert saved["rows_complete"] is False and saved["suite"] == "text"
+    assert saved["rows_complete"] is False and saved["suite"] == "text" and saved["date"].endswith(" UTC")
     assert [r["label"] for r in saved["results"]] == ["Weight Averaging", "Task Arithmetic"]
 
 
