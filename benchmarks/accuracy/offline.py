@@ -97,21 +97,26 @@ def unpack(dest: str | os.PathLike, sources: list[str | os.PathLike]) -> Path:
     files = _files(sources)
     if MANIFEST not in files:
         raise FileNotFoundError(f"{MANIFEST}: not in {', '.join(map(str, sources))}")
-    manifest = json.loads(files[MANIFEST].read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(files[MANIFEST].read_text(encoding="utf-8"))
+        parts = [(str(p["name"]), str(p["sha256"])) for p in manifest["parts"]]
+        archive_sha256 = str(manifest["archive_sha256"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{files[MANIFEST]}: not a manifest written by `pack` ({err!r})") from None
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     archive = dest / f".{ARCHIVE}"
     try:
         with open(archive, "wb") as joined:
-            for part in manifest["parts"]:
-                path = files.get(part["name"])
+            for name, sha256 in parts:
+                path = files.get(name)
                 if path is None:
-                    raise FileNotFoundError(f"{part['name']}: part missing from {', '.join(map(str, sources))}")
-                if _sha256(path) != part["sha256"]:
+                    raise FileNotFoundError(f"{name}: part missing from {', '.join(map(str, sources))}")
+                if _sha256(path) != sha256:
                     raise ValueError(f"{path}: sha256 differs from the manifest's (a corrupt or foreign part)")
                 with open(path, "rb") as f:
                     shutil.copyfileobj(f, joined)
-        if _sha256(archive) != manifest["archive_sha256"]:
+        if _sha256(archive) != archive_sha256:
             raise ValueError(f"{files[MANIFEST]}: the joined parts' sha256 differs from the manifest's")
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(dest, filter="data")

@@ -66,6 +66,10 @@ def test_a_missing_part_or_manifest_is_named(tmp_path: Path) -> None:
     written[-2].unlink()  # the last part
     with pytest.raises(FileNotFoundError, match=written[-2].name):
         offline.unpack(tmp_path / "there", [tmp_path / "packed"])
+    for bad in ("{not json", '{"parts": [{"name": "inputs.tgz.000"}]}', "[]"):  # truncated, incomplete, foreign
+        (tmp_path / "packed" / offline.MANIFEST).write_text(bad)
+        with pytest.raises(ValueError, match="not a manifest written by `pack`"):
+            offline.unpack(tmp_path / "there", [tmp_path / "packed"])
     (tmp_path / "packed" / offline.MANIFEST).unlink()
     with pytest.raises(FileNotFoundError, match=offline.MANIFEST):
         offline.unpack(tmp_path / "there", [tmp_path / "packed"])
