@@ -18,6 +18,7 @@ entropy curve is then checked for a plateau (:func:`stats.plateau_step`) and row
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -325,7 +326,8 @@ def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str
     budgets = list(range(rc.plateau_window, rc.tta_steps, rc.plateau_window)) + [rc.tta_steps]
     history: list[dict[str, Any]] = []
     saved = _saved_step(checkpoint)
-    with tempfile.TemporaryDirectory() as tmp:  # chunks resumed from a checkpoint: bit-identical to one run
+    # chunks resumed from a checkpoint: bit-identical to one run; a scratch file when the caller keeps none
+    with (contextlib.nullcontext() if checkpoint else tempfile.TemporaryDirectory()) as tmp:
         for budget in (budgets if rc.stop_at_plateau else budgets[-1:]):
             if budget < saved:  # run before the interruption, without a plateau (or the row would have stopped)
                 continue

@@ -186,6 +186,7 @@ def test_a_row_killed_mid_adaptation_resumes_from_its_scratch_checkpoint(text_zo
         T.run_row(text_zoo, row, rc, {}, scratch=tmp_path)
     assert calls == [4, 8] and (tmp_path / "adapt.pt").is_file()
     monkeypatch.setattr(mergemodules, "adapt", real_adapt)
+    monkeypatch.setattr(T.tempfile, "TemporaryDirectory", None)  # a kept checkpoint needs no scratch folder
     resumed = T.run_row(text_zoo, row, rc, {}, scratch=tmp_path)
     a = resumed.adaptation
     assert a["resumed_at_step"] == 4 and whole.adaptation["resumed_at_step"] is None
