@@ -446,7 +446,7 @@ def seeds_section(suite: str, preset: str, per_seed: dict[int, list[T.Result]], 
     plot = None
     if plots_dir:
         plot = plots.seeds(_means_over_seeds(per_seed), os.path.join(plots_dir, f"seeds_{tag}.png"),
-                           f"{suite}: every method over seeds {seeds}")
+                           f"{suite}: each method's mean test accuracy over seeds {seeds}")
     if results_md:
         body = [f"## Benchmark: {suite} suite over seeds {seeds}", "",
                 "One zoo per seed (its own data split, fine-tuning and adaptation seed); the spread is over seeds "
