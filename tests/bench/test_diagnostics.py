@@ -39,3 +39,17 @@ def test_spectra_kept_energy(text_zoo):
         s = torch.linalg.svdvals(t) ** 2
         shares.append(float(s[: max(1, -(-len(s) // len(s2)))].sum() / s.sum()))
     assert one[text_zoo.names[0]][0][1] == pytest.approx(sum(shares) / len(shares))
+
+
+@pytest.mark.parametrize("shape, rank",
+                         [((3, 6, 20), 6), ((3, 20, 6), 6), ((2, 8, 8), 8), ((3, 12, 30), 2), ((1, 5, 9), 0)])
+def test_squared_singular_values_are_svdvals_squared(shape, rank):
+    """σ² from the smaller Gram matrix, descending and ≥ 0, for wide, tall, square, low-rank and zero matrices."""
+    gen = torch.Generator().manual_seed(0)
+    b, m, n = shape
+    x = torch.randn(b, m, rank, generator=gen, dtype=torch.float64) @ torch.randn(b, rank, n, generator=gen,
+                                                                                  dtype=torch.float64)
+    got = G._squared_singular_values(x)
+    assert got.shape == (b, min(m, n)) and (got >= 0).all()
+    assert torch.equal(got, got.sort(-1, descending=True).values)
+    torch.testing.assert_close(got, torch.linalg.svdvals(x) ** 2, rtol=1e-10, atol=1e-10 * max(1.0, got.max().item()))
