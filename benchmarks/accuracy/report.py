@@ -309,10 +309,6 @@ def _body(cfg: SuiteConfig, zoo: Zoo, results: list[T.Result], sweep, diag, rel:
     return "\n".join(body)
 
 
-def _utc_now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-
-
 def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None, rebuild: bool = False,
               results_md: str | None = None, plots_dir: str | None = None, json_dir: str | None = None,
               command: str = "python -m benchmarks.accuracy", preset: str = "default",
@@ -335,7 +331,7 @@ def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None
             "machine": machine_line(zoo.device)}
 
     def save(rows: list[T.Result], **extra: Any) -> None:  # after every row too: a run cut short keeps its rows
-        obj = {**base, "rows_complete": False, "date": _utc_now(),
+        obj = {**base, "rows_complete": False, "date": T.utc_now(),
                "results": [r.to_json() for r in rows], **extra}
         atomic_write_json(json.loads(json.dumps(obj, default=float)), json_path)
 
@@ -355,7 +351,7 @@ def run_suite(cfg: SuiteConfig, rc: T.RunConfig, *, cache_dir: str | None = None
                          "cpu": round(cpu, 1)},
              "zoo_rebuilt": zoo.rebuilt, "cart_rank_sweep": sweep, "plots": plot_paths,
              "load_average": {"start": load_start, "end": _load()}, "diagnostics": diag,
-             "orderings": ordering_lines(results), "date": _utc_now()}
+             "orderings": ordering_lines(results), "date": T.utc_now()}
     save(results, rows_complete=True, **extra)
     built = "built from scratch" if "pretrained" in zoo.rebuilt else (
         f"reused from the cache, {len(zoo.rebuilt)} entries rebuilt" if zoo.rebuilt else "reused from the cache")

@@ -351,6 +351,11 @@ def _adapt(zoo: Zoo, merged: nn.Module, row: Row, rc: RunConfig, start: dict[str
             "mask_flips": _mask_flips(masks0, _masks(merged))}
 
 
+def utc_now() -> str:
+    """The current time as the benchmark writes it: ``YYYY-MM-DD HH:MM UTC``."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
 def _saved_step(checkpoint: Path | None) -> int:
     """The step an earlier run of this row saved in ``checkpoint`` (0: none; an unreadable file is removed)."""
     if checkpoint is None or not checkpoint.is_file():
@@ -445,7 +450,7 @@ def run_row(zoo: Zoo, row: Row, rc: RunConfig, chosen: dict[str, dict[str, Any]]
         res.status, res.note, res.test, res.correct = "diverged", str(e), {}, {}
         logger.error("%s: diverged (%s)", row.label, e)
     res.seconds = round(time.time() - t0, 1)
-    res.ran = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    res.ran = utc_now()
     if res.status == "ok":
         logger.info("%s: mean test accuracy %.4f (%s) in %.0fs", row.label, res.mean, res.chosen or "-", res.seconds)
     return res
